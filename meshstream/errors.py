@@ -1,0 +1,22 @@
+"""Exceptions shared between meshstream's parts."""
+
+
+class MeshstreamError(Exception):
+    """Base of meshstream's own errors."""
+
+
+class UnknownContent(MeshstreamError):
+    """No such content is known (to the tracker or to this agent)."""
+
+
+class DownloadFailed(MeshstreamError):
+    """A content could not be completed from any source."""
+
+
+class TrackerError(MeshstreamError):
+    """The tracker answered with an error or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
