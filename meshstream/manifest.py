@@ -59,7 +59,7 @@ class ManifestError(ValueError):
     """A manifest is malformed, inconsistent, or its signature does not hold."""
 
 
-def leaf_hash(data: bytes | memoryview) -> bytes:
+def leaf_hash(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
@@ -68,9 +68,7 @@ def root_hash(leaves: Sequence[bytes]) -> bytes:
 
 
 def canonical_json(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
-        "ascii"
-    )
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def check_geometry(size: int, block_size: int, sub_block_size: int) -> None:
@@ -85,15 +83,11 @@ def check_geometry(size: int, block_size: int, sub_block_size: int) -> None:
     if not 0 <= size <= MAX_CONTENT_SIZE:
         raise ManifestError(f"size must be between 0 and {MAX_CONTENT_SIZE}")
     if not MIN_SUB_BLOCK_SIZE <= sub_block_size <= MAX_SUB_BLOCK_SIZE:
-        raise ManifestError(
-            f"sub_block_size must be between {MIN_SUB_BLOCK_SIZE} and {MAX_SUB_BLOCK_SIZE}"
-        )
+        raise ManifestError(f"sub_block_size must be between {MIN_SUB_BLOCK_SIZE} and {MAX_SUB_BLOCK_SIZE}")
     if sub_block_size % 16:
         raise ManifestError("sub_block_size must be a multiple of 16")
     if block_size % sub_block_size or not 0 < block_size <= MAX_BLOCK_SIZE:
-        raise ManifestError(
-            f"block_size must be a multiple of sub_block_size and at most {MAX_BLOCK_SIZE}"
-        )
+        raise ManifestError(f"block_size must be a multiple of sub_block_size and at most {MAX_BLOCK_SIZE}")
     if block_size // sub_block_size > MAX_SUBS_PER_BLOCK:
         raise ManifestError(f"a block may hold at most {MAX_SUBS_PER_BLOCK} sub blocks")
 
@@ -178,18 +172,14 @@ class Manifest:
         except ManifestError:
             raise
         if len(self.block_roots) != geometry.num_blocks:
-            raise ManifestError(
-                f"{geometry.num_blocks} blocks but {len(self.block_roots)} roots"
-            )
+            raise ManifestError(f"{geometry.num_blocks} blocks but {len(self.block_roots)} roots")
         if any(len(r) != DIGEST_SIZE for r in self.block_roots):
             raise ManifestError("every block root is 32 bytes")
         if not isinstance(self.name, str) or len(self.name) > MAX_NAME:
             raise ManifestError(f"name must be a string of at most {MAX_NAME} characters")
         _check_origins(self.origins)
         object.__setattr__(self, "geometry", geometry)
-        object.__setattr__(
-            self, "content_id", hashlib.sha256(canonical_json(self._info())).hexdigest()
-        )
+        object.__setattr__(self, "content_id", hashlib.sha256(canonical_json(self._info())).hexdigest())
 
     @property
     def num_blocks(self) -> int:
@@ -353,9 +343,7 @@ class BlockHasher:
         return self._done
 
 
-def hash_file(
-    f: BinaryIO, geometry: Geometry, chunk: int = 4 * 1024 * 1024
-) -> list[list[bytes]]:
+def hash_file(f: BinaryIO, geometry: Geometry, chunk: int = 4 * 1024 * 1024) -> list[list[bytes]]:
     """Return every block's leaf list; raise L{ManifestError} if the size is wrong."""
     hasher = BlockHasher(geometry)
     leaves: list[list[bytes]] = []
