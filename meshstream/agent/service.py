@@ -1,0 +1,409 @@
+# -*- test-case-name: tests.test_integration -*-
+"""
+The agent as a service::
+
+  AgentService
+   ├── peer server       (one listening port per --listen endpoint string)
+   ├── stream server     (--stream: /stream/<content_id>, /status)
+   ├── announce loop     (heartbeat to the tracker: holdings and node state)
+   └── download sessions (one per content being fetched)
+
+The reactor is a constructor argument (the tap passes the global one); every
+timer runs on it as an L{IReactorTime}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from typing import Any
+
+import psutil
+from attrs import Factory, define
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.application.service import Service
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from meshstream.agent.session import DownloadSession, NodeLike
+from meshstream.agent.store import (
+    AgentStore,
+    SeedFile,
+    load_or_create_key,
+    verify_seed,
+)
+from meshstream.agent.stream import StreamResource
+from meshstream.errors import UnknownContent
+from meshstream.interfaces import IStreamProvider, IStreamSource
+from meshstream.manifest import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_SUB_BLOCK_SIZE,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    load_public_key,
+)
+from meshstream.sources import fetch_range
+from meshstream.tracker.client import TrackerClient
+from meshstream.wire.protocol import IPeerListener, PeerFactory, PeerProtocol, TokenBucket
+
+log = Logger()
+
+CONNECT_TIMEOUT = 5
+DEFAULT_ANNOUNCE_INTERVAL = 30.0
+_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@define
+class AgentConfig:
+    tracker: str
+    data_dir: str
+    listen: list[str] = Factory(lambda: ["tcp:7071"])
+    stream: str | None = "tcp:7080:interface=127.0.0.1"
+    seeds: list[str] = Factory(list)
+    node_id: str | None = None
+    advertise: str | None = None
+    upload_rate: float | None = None
+    max_peers: int = 4
+    max_uploads: int = 32
+    tracker_key: str | None = None
+    window: int = 2
+
+
+def manifest_path_for(path: str) -> str:
+    return path + ".manifest.json"
+
+
+@implementer(IStreamSource)
+class CompleteSource:
+    """A content held in full (seed or finished cache entry): nothing to wait for."""
+
+    def __init__(self, manifest: Manifest, reader: Any) -> None:
+        self.content_id = manifest.content_id
+        self.size = manifest.size
+        self.block_size = manifest.block_size
+        self.mime_type = str(manifest.meta.get("mime_type") or "application/octet-stream")
+        self._reader = reader
+
+    def wait_for_block(self, block: int) -> Deferred[None]:
+        return succeed(None)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self._reader.read_range(offset, length))
+
+
+class StatusResource(Resource):
+    """C{GET /status}: JSON of this agent's sessions and holdings (for the CLI and the demo)."""
+
+    isLeaf = True
+
+    def __init__(self, agent: AgentService) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.agent.status()).encode()
+
+
+@implementer(IStreamProvider)
+class AgentService(Service):
+    def __init__(self, config: AgentConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.node_id = config.node_id or ""
+        self.store: AgentStore | None = None
+        self.tracker: TrackerClient | None = None
+        self.tracker_key: Ed25519PublicKey | None = None
+        self.peer_factory: PeerFactory | None = None
+        self.peer_ports: list[IListeningPort] = []
+        self.stream_port: IListeningPort | None = None
+        self.sessions: dict[str, DownloadSession] = {}
+        self.ready: Deferred[None] = Deferred()
+        self.announce_interval = DEFAULT_ANNOUNCE_INTERVAL
+        self._announce_call: IDelayedCall | None = None
+        self._opening: dict[str, list[Deferred[Any]]] = {}
+        self._last_sent = 0
+        self._last_sent_at = 0.0
+        self._upload_bps = 0.0
+
+    # -- start and stop --------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._start()
+        d.addCallbacks(self.ready.callback, self._start_failed)
+
+    def _start_failed(self, f: Failure) -> None:
+        log.failure("Agent failed to start", f)
+        self.ready.errback(f)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        cfg = self.config
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.node_id = self.node_id or self._load_node_id()
+        self.store = AgentStore(cfg.data_dir, load_or_create_key(os.path.join(cfg.data_dir, "box.key")))
+        import treq
+
+        self.tracker = TrackerClient(treq, cfg.tracker.rstrip("/"), self.clock)
+        self.tracker_key = yield self._trusted_key()
+        self.store.load_cache(self._check_signed)
+        for path in cfg.seeds:
+            yield self._import_seed(path)
+        limiter = TokenBucket(cfg.upload_rate, self.clock) if cfg.upload_rate else None
+        self.peer_factory = PeerFactory(
+            self.node_id, self.clock, self.store, limiter=limiter, max_peers=cfg.max_uploads
+        )
+        for desc in cfg.listen:
+            port = yield serverFromString(self.reactor, desc).listen(self.peer_factory)
+            self.peer_ports.append(port)
+        if cfg.stream:
+            root = Resource()
+            root.putChild(b"stream", StreamResource(self))
+            root.putChild(b"status", StatusResource(self))
+            site = server.Site(root)
+            site.displayTracebacks = False
+            self.stream_port = yield serverFromString(self.reactor, cfg.stream).listen(site)
+        yield self.announce()
+        log.info(
+            "Agent {node} up: peers on {peers}, stream on {stream}, seeding {n} contents",
+            node=self.node_id,
+            peers=[_port_of(p) for p in self.peer_ports],
+            stream=_port_of(self.stream_port) if self.stream_port else None,
+            n=len(self.store.holdings()),
+        )
+
+    def _load_node_id(self) -> str:
+        path = os.path.join(self.config.data_dir, "node_id")
+        try:
+            with open(path) as f:
+                nid = f.read().strip()
+            if _NODE_ID.match(nid):
+                return nid
+        except FileNotFoundError:
+            pass
+        nid = uuid.uuid4().hex[:16]
+        with open(path, "w") as f:
+            f.write(nid + "\n")
+        return nid
+
+    def _trusted_key(self) -> Deferred[Ed25519PublicKey]:
+        given = self.config.tracker_key
+        if given:
+            data = given.encode()
+            if os.path.exists(given):
+                with open(given, "rb") as f:
+                    data = f.read()
+            return succeed(load_public_key(data))
+        assert self.tracker is not None
+        log.warn("No --tracker-key given: trusting the key the tracker presents (first use)")
+        return self.tracker.public_key()
+
+    def _check_signed(self, manifest: Manifest) -> None:
+        assert self.tracker_key is not None
+        manifest.verify(self.tracker_key)
+
+    @inlineCallbacks
+    def _import_seed(self, path: str) -> Any:
+        """Make C{path} a seed: find its manifest (beside it, or by content id at the tracker) and verify it."""
+        assert self.store is not None and self.tracker is not None
+        man_path = manifest_path_for(path)
+        if os.path.exists(man_path):
+            with open(man_path, "rb") as f:
+                manifest = Manifest.from_json(f.read())
+            if manifest.signature is None:
+                manifest = yield self.tracker.register_manifest(manifest)
+        else:
+            local, _ = yield threads.deferToThread(
+                build_manifest, path, DEFAULT_BLOCK_SIZE, DEFAULT_SUB_BLOCK_SIZE
+            )
+            manifest = yield self.tracker.get_manifest(local.content_id)
+        self._check_signed(manifest)
+        leaves = yield threads.deferToThread(verify_seed, path, manifest)
+        self.store.add_seed(SeedFile(path, manifest, leaves))
+        log.info("Seeding {path} as {cid}", path=path, cid=manifest.content_id)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._announce_call is not None and self._announce_call.active():
+            self._announce_call.cancel()
+        self._announce_call = None
+        for session in list(self.sessions.values()):
+            session.stop("agent stopping")
+        if self.peer_factory is not None:
+            self.peer_factory.close_all()
+        ports = [*self.peer_ports, *([self.stream_port] if self.stream_port else [])]
+        waits: list[Deferred[Any]] = [maybeDeferred(p.stopListening) for p in ports]
+        if self.tracker is not None and self.node_id:
+            waits.append(self.tracker.leave(self.node_id).addErrback(lambda _f: None))
+        stopped: Deferred[Any] = DeferredList(waits, consumeErrors=True)
+
+        def close(_: object) -> None:
+            if self.store is not None:
+                self.store.close()
+
+        stopped.addCallback(close)
+        return stopped
+
+    # -- tracker heartbeat -------------------------------------------------
+
+    def node_state(self) -> dict[str, Any]:
+        now = self.clock.seconds()
+        sent = sum(p.bytes_sent for p in self.peer_factory.connections) if self.peer_factory else 0
+        if now > self._last_sent_at and sent >= self._last_sent:
+            self._upload_bps = (sent - self._last_sent) / (now - self._last_sent_at)
+        self._last_sent, self._last_sent_at = sent, now
+        state: dict[str, Any] = {
+            "upload_bps": round(self._upload_bps, 1),
+            "connections": len(self.peer_factory.connections) if self.peer_factory else 0,
+            "cpu": psutil.cpu_percent(interval=None) / 100.0,
+            "memory": psutil.virtual_memory().percent / 100.0,
+        }
+        if self.config.upload_rate:
+            state["upload_capacity_bps"] = float(self.config.upload_rate)
+        return state
+
+    def advertised_address(self) -> str:
+        if self.config.advertise:
+            return self.config.advertise
+        port = _port_of(self.peer_ports[0]) if self.peer_ports else 0
+        return f":{port}"
+
+    def announce(self) -> Deferred[None]:
+        if self._announce_call is not None and self._announce_call.active():
+            self._announce_call.cancel()
+        self._announce_call = None
+        assert self.tracker is not None and self.store is not None
+        d: Deferred[Any] = self.tracker.announce(
+            self.node_id, self.advertised_address(), self.store.holdings(), self.node_state()
+        )
+
+        def ok(answer: dict[str, Any]) -> None:
+            interval = answer.get("interval")
+            if isinstance(interval, (int, float)) and interval > 0:
+                self.announce_interval = float(interval)
+
+        def failed(f: Failure) -> None:
+            log.warn("Announce failed: {error}", error=f.getErrorMessage())
+
+        def again(_: object) -> None:
+            if self.running:
+                self._announce_call = self.clock.callLater(self.announce_interval, self.announce)
+
+        d.addCallbacks(ok, failed)
+        d.addCallback(again)
+        return d
+
+    # -- downloads ---------------------------------------------------------
+
+    def open(self, content_id: str) -> Deferred[IStreamSource]:
+        """IStreamProvider: a held content, a running session, or a new session."""
+        store = self.store
+        if store is None:
+            return fail(UnknownContent("agent not started"))
+        if content_id in store.seeds:
+            seed = store.seeds[content_id]
+            return succeed(CompleteSource(seed.manifest, seed))
+        entry = store.cache.get(content_id)
+        if entry is not None and entry.complete:
+            return succeed(CompleteSource(entry.manifest, entry))
+        if content_id in self.sessions:
+            return succeed(self.sessions[content_id])
+        return self.download(content_id)
+
+    def download(self, content_id: str, manifest: Manifest | None = None) -> Deferred[Any]:
+        """Start (or join) the download of C{content_id}; fires with its session."""
+        if content_id in self.sessions:
+            return succeed(self.sessions[content_id])
+        waiting: Deferred[Any] = Deferred()
+        if content_id in self._opening:
+            self._opening[content_id].append(waiting)
+            return waiting
+        self._opening[content_id] = waiters = [waiting]
+        assert self.tracker is not None
+        got: Deferred[Manifest] = (
+            succeed(manifest) if manifest is not None else self.tracker.get_manifest(content_id)
+        )
+
+        def start(m: Manifest) -> DownloadSession:
+            if m.content_id != content_id:
+                raise ManifestError("the tracker sent a manifest for another content")
+            self._check_signed(m)
+            return self._start_session(m)
+
+        def fan_out(result: object) -> None:
+            del self._opening[content_id]
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        got.addCallback(start)
+        got.addBoth(fan_out)
+        return waiting
+
+    def _start_session(self, manifest: Manifest) -> DownloadSession:
+        assert self.store is not None and self.tracker is not None
+        cid = manifest.content_id
+        tracker = self.tracker
+
+        def find_nodes() -> Deferred[list[Any]]:
+            return tracker.nodes(cid, limit=50, exclude=[self.node_id])
+
+        session = DownloadSession(
+            self.store.entry(manifest),
+            self.clock,
+            find_nodes,
+            self._connect,
+            fetch_range=lambda url, a, b: fetch_range(url, a, b, self.clock),
+            max_peers=self.config.max_peers,
+            window=self.config.window,
+            on_complete=self._session_complete,
+        )
+        self.sessions[cid] = session
+        session.done.addErrback(
+            lambda f: log.warn("Download of {cid} failed: {error}", cid=cid[:12], error=f.getErrorMessage())
+        )
+        session.start()
+        return session
+
+    def _session_complete(self, session: DownloadSession) -> None:
+        if self.running:
+            self.announce()
+
+    def _connect(self, node: NodeLike, listener: IPeerListener) -> Deferred[PeerProtocol]:
+        host = node.host if ":" not in node.host else node.host.replace(":", r"\:")
+        endpoint = clientFromString(
+            self.reactor, f"tcp:host={host}:port={node.port}:timeout={CONNECT_TIMEOUT}"
+        )
+        proto = PeerProtocol(self.node_id, self.clock, store=self.store, listener=listener)
+        d = connectProtocol(endpoint, proto)
+        d.addCallback(lambda p: p.ready)
+        return d
+
+    def status(self) -> dict[str, Any]:
+        store = self.store
+        return {
+            "node_id": self.node_id,
+            "holdings": store.holdings() if store else [],
+            "sessions": {cid: s.status() for cid, s in self.sessions.items()},
+            "uploaded_bytes": sum(p.bytes_sent for p in self.peer_factory.connections)
+            if self.peer_factory
+            else 0,
+        }
+
+
+def _port_of(port: IListeningPort) -> int:
+    return int(port.getHost().port)  # type: ignore[attr-defined]

@@ -1,0 +1,502 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+A download session: one content, driven by the pure L{Scheduler}.
+
+The session is the shell around the scheduler: it finds nodes (through an
+injected C{find_nodes}), connects to several at once (through an injected
+C{connect}), verifies every sub block against the manifest's chained hashes,
+writes verified bytes to the scrambled cache, black-lists nodes that fail or
+lie, falls back to the origin over HTTP Range when no peer is left, and tells
+the local stream server when each block is ready, in order.
+
+Nothing unverified is ever written: a sub block is checked against its leaf,
+and a leaf list against the block root from the signed manifest, before the
+cache sees a byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from meshstream.agent.store import CacheEntry, StoreError, check_sub
+from meshstream.errors import DownloadFailed
+from meshstream.interfaces import IStreamSource
+from meshstream.manifest import leaf_hash, root_hash
+from meshstream.scheduler import core as sched
+from meshstream.wire import frames as F
+from meshstream.wire.protocol import IPeerListener, PeerProtocol
+
+TICK = 1.0
+PING_EVERY = 2.0
+TRACKER_RETRY = 3.0
+ORIGIN_GRACE = 6.0
+
+
+class NodeLike(Protocol):
+    node_id: str
+    host: str
+    port: int
+    state: dict[str, Any]
+
+
+#: connect(node, listener) -> Deferred firing with a PeerProtocol after HELLO.
+Connector = Callable[[NodeLike, IPeerListener], "Deferred[PeerProtocol]"]
+#: fetch_range(url, first, last) -> Deferred of exactly last - first + 1 bytes.
+RangeFetcher = Callable[[str, int, int], "Deferred[bytes]"]
+
+
+@define
+class BlackList:
+    """Nodes that failed us, each barred until an exponentially growing deadline."""
+
+    clock: IReactorTime
+    base: float = 5.0
+    cap: float = 300.0
+    _until: dict[str, float] = field(factory=dict)
+    _count: dict[str, int] = field(factory=dict)
+
+    def add(self, node_id: str) -> float:
+        n = self._count.get(node_id, 0)
+        self._count[node_id] = n + 1
+        delay = min(self.cap, self.base * 2**n)
+        self._until[node_id] = self.clock.seconds() + delay
+        return delay
+
+    def barred(self, node_id: str) -> bool:
+        return self._until.get(node_id, 0.0) > self.clock.seconds()
+
+
+def hint_rate(state: dict[str, Any]) -> float | None:
+    """The free upload bandwidth a node reported, in bytes/s, if it said."""
+    cap = state.get("upload_capacity_bps")
+    used = state.get("upload_bps", 0) or 0
+    if isinstance(cap, (int, float)) and cap > 0:
+        return max(float(cap) - float(used), float(cap) * 0.1)
+    return None
+
+
+@implementer(IPeerListener)
+@define(eq=False)
+class _PeerLink:
+    """Routes one connection's events to the session, tagged with the node."""
+
+    session: DownloadSession
+    node: NodeLike
+
+    def peer_ready(self, peer: PeerProtocol) -> None:
+        self.session._peer_ready(self.node, peer)
+
+    def hashes_received(self, peer: PeerProtocol, msg: F.Hashes) -> None:
+        self.session._hashes(self.node, msg)
+
+    def data_received(self, peer: PeerProtocol, msg: F.Data) -> None:
+        self.session._data(self.node, msg)
+
+    def rejected(self, peer: PeerProtocol, msg: F.Reject) -> None:
+        self.session._rejected(self.node, msg)
+
+    def state_received(self, peer: PeerProtocol, state: dict[str, Any]) -> None:
+        pass
+
+    def rtt_measured(self, peer: PeerProtocol, rtt: float) -> None:
+        self.session.scheduler.rtt_measured(self.node.node_id, rtt)
+
+    def peer_lost(self, peer: PeerProtocol, reason: str) -> None:
+        self.session._peer_lost(self.node, reason)
+
+
+ORIGIN = "origin"
+
+
+@implementer(IStreamSource)
+class DownloadSession:
+    log = Logger()
+
+    def __init__(
+        self,
+        entry: CacheEntry,
+        clock: IReactorTime,
+        find_nodes: Callable[[], Deferred[list[Any]]],
+        connect: Connector,
+        fetch_range: RangeFetcher | None = None,
+        max_peers: int = 4,
+        pipeline: int = sched.DEFAULT_PIPELINE,
+        window: int = sched.DEFAULT_WINDOW,
+        on_complete: Callable[[DownloadSession], None] | None = None,
+    ) -> None:
+        self.entry = entry
+        self.manifest = entry.manifest
+        self.content_id = self.manifest.content_id
+        self.size = self.manifest.size
+        self.block_size = self.manifest.block_size
+        self.mime_type = str(self.manifest.meta.get("mime_type") or "application/octet-stream")
+        self.clock = clock
+        self._find_nodes = find_nodes
+        self._connect = connect
+        self._fetch_range = fetch_range
+        self.max_peers = max_peers
+        self._on_complete = on_complete
+        self._cid = bytes.fromhex(self.content_id)
+        self.scheduler = sched.Scheduler(
+            self.manifest.geometry, clock, pipeline=pipeline, window=window, have=entry.held_subs()
+        )
+        self.blacklist = BlackList(clock)
+        self.leaves: dict[int, list[bytes]] = dict(entry.leaves)
+        self.peers: dict[str, PeerProtocol] = {}
+        self._connecting: set[str] = set()
+        self._candidates: list[NodeLike] = []
+        self.bytes_by_source: dict[str, int] = {}
+        self.rejected_bytes = 0
+        self.failure: Failure | None = None
+        self.done: Deferred[None] = Deferred()
+        self._waiters: dict[int, list[Deferred[None]]] = {}
+        self._tick_call: IDelayedCall | None = None
+        self._last_lookup = -1e9
+        self._lookup: Deferred[None] | None = None
+        self._no_peer_since: float | None = None
+        self._origin_on = False
+        self._stopped = False
+        self._last_ping = 0.0
+
+    # -- life ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._run(self.scheduler.start())
+        if self.scheduler.finished:
+            return
+        self._refresh_nodes()
+        self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def stop(self, reason: str = "stopped") -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = None
+        for peer in list(self.peers.values()):
+            peer.bye(F.ByeCode.NORMAL, reason)
+        if not self.done.called:
+            self._fail(DownloadFailed(reason))
+
+    def _fail(self, exc: Exception) -> None:
+        self.failure = Failure(exc)
+        for waiters in self._waiters.values():
+            for d in waiters:
+                d.errback(Failure(exc))
+        self._waiters.clear()
+        if not self.done.called:
+            self.done.errback(Failure(exc))
+        self.stop(str(exc))
+
+    def _finish(self) -> None:
+        self.log.info(
+            "Content {cid} complete: {sources}", cid=self.content_id[:12], sources=self.bytes_by_source
+        )
+        self._stopped = True
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        for peer in list(self.peers.values()):
+            peer.bye(F.ByeCode.NORMAL, "download complete")
+        if not self.done.called:
+            self.done.callback(None)
+        if self._on_complete is not None:
+            self._on_complete(self)
+
+    # -- IStreamSource ---------------------------------------------------
+
+    def wait_for_block(self, block: int) -> Deferred[None]:
+        if block < self.scheduler.next_block or self.scheduler.finished:
+            return succeed(None)
+        if self.failure is not None:
+            d: Deferred[None] = Deferred()
+            d.errback(self.failure)
+            return d
+
+        def cancel(d: Deferred[None]) -> None:
+            waiters = self._waiters.get(block, [])
+            if d in waiters:
+                waiters.remove(d)
+
+        d = Deferred(cancel)
+        self._waiters.setdefault(block, []).append(d)
+        return d
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.entry.read_range(offset, length)
+
+    # -- node management -------------------------------------------------
+
+    def _refresh_nodes(self) -> None:
+        if self._lookup is not None or self._stopped:
+            return
+        self._last_lookup = self.clock.seconds()
+
+        def got(nodes: list[NodeLike]) -> None:
+            self._lookup = None
+            self._candidates = list(nodes)
+            self._connect_more()
+
+        def failed(f: Failure) -> None:
+            self._lookup = None
+            self.log.warn(
+                "Node lookup for {cid} failed: {error}", cid=self.content_id[:12], error=f.getErrorMessage()
+            )
+
+        d = self._find_nodes()
+        d.addCallbacks(got, failed)
+        self._lookup = d  # type: ignore[assignment]
+
+    def _connect_more(self) -> None:
+        if self._stopped:
+            return
+        for node in self._candidates:
+            if len(self.peers) + len(self._connecting) >= self.max_peers:
+                break
+            nid = node.node_id
+            if nid in self.peers or nid in self._connecting or self.blacklist.barred(nid):
+                continue
+            self._connecting.add(nid)
+            d = self._connect(node, _PeerLink(self, node))
+            d.addErrback(self._connect_failed, node)
+
+    def _connect_failed(self, f: Failure, node: NodeLike) -> None:
+        self._connecting.discard(node.node_id)
+        delay = self.blacklist.add(node.node_id)
+        self.log.info(
+            "Black-listed {node} for {delay:.0f}s: cannot connect ({error})",
+            node=node.node_id,
+            delay=delay,
+            error=f.getErrorMessage(),
+        )
+        self._connect_more()
+
+    def _peer_ready(self, node: NodeLike, peer: PeerProtocol) -> None:
+        self._connecting.discard(node.node_id)
+        if self._stopped:
+            peer.bye(F.ByeCode.NORMAL, "download complete")
+            return
+        self.peers[node.node_id] = peer
+        self._no_peer_since = None
+        peer.ping()
+        self._run(self.scheduler.add_source(node.node_id, hint_rate(node.state)))
+
+    def _peer_lost(self, node: NodeLike, reason: str) -> None:
+        nid = node.node_id
+        self._connecting.discard(nid)
+        if self.peers.pop(nid, None) is None:
+            return
+        if not self._stopped:
+            if nid in self.scheduler.sources and not self.scheduler.sources[nid].idle():
+                self.blacklist.add(nid)
+                self.log.info("Lost {node} mid-block ({reason}); black-listed", node=nid, reason=reason)
+            self._run(self.scheduler.remove_source(nid))
+            self._connect_more()
+
+    # -- data ------------------------------------------------------------
+
+    def _hashes(self, node: NodeLike, msg: F.Hashes) -> None:
+        if msg.content_id != self._cid or not 0 <= msg.block < self.manifest.num_blocks:
+            return
+        if msg.block in self.leaves:
+            return
+        leaves = list(msg.leaves)
+        if (
+            len(leaves) != self.manifest.geometry.subs_in_block(msg.block)
+            or root_hash(leaves) != self.manifest.block_roots[msg.block]
+        ):
+            self.log.warn(
+                "{node} sent a wrong hash list for block {block}", node=node.node_id, block=msg.block
+            )
+            self._drop(node.node_id, "wrong hash list")
+            return
+        self.leaves[msg.block] = leaves
+
+    def _data(self, node: NodeLike, msg: F.Data) -> None:
+        nid = node.node_id
+        if msg.content_id != self._cid or not 0 <= msg.block < self.manifest.num_blocks:
+            self._drop(nid, "data for something we did not ask")
+            return
+        leaves = self.leaves.get(msg.block)
+        if leaves is None or not check_sub(leaves, msg.sub, msg.data):
+            self.rejected_bytes += len(msg.data)
+            self.log.warn(
+                "Sub block {block}/{sub} from {node} failed verification",
+                block=msg.block,
+                sub=msg.sub,
+                node=nid,
+            )
+            self._run(self.scheduler.failed(nid, msg.block, msg.sub))
+            return
+        self._accept(nid, msg.block, msg.sub, msg.data)
+
+    def _accept(self, source: str, block: int, sub: int, data: bytes) -> None:
+        """Store a verified sub block and tell the scheduler."""
+        if not self.entry.has_sub(block, sub):
+            try:
+                self.entry.write(block, sub, data, self.leaves[block])
+            except StoreError as e:
+                self.log.error("Cache write failed: {error}", error=str(e))
+                self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
+                return
+        self.bytes_by_source[source] = self.bytes_by_source.get(source, 0) + len(data)
+        self._run(self.scheduler.received(source, block, sub, len(data)))
+
+    def _rejected(self, node: NodeLike, msg: F.Reject) -> None:
+        if msg.content_id != self._cid:
+            return
+        src = self.scheduler.sources.get(node.node_id)
+        if src is None:
+            return
+        subs = [s for (b, s) in src.inflight if b == msg.block and (msg.sub in (s, F.WHOLE_REQUEST))]
+        for s in subs:
+            self._run(self.scheduler.failed(node.node_id, msg.block, s, strike=False))
+        if msg.code in (F.RejectCode.UNKNOWN_CONTENT, F.RejectCode.NOT_HELD):
+            self._drop(node.node_id, f"rejected: {msg.reason}")
+
+    def _drop(self, nid: str, reason: str) -> None:
+        if nid == ORIGIN:
+            self._fail(DownloadFailed(f"the origin failed too: {reason}"))
+            return
+        self.blacklist.add(nid)
+        peer = self.peers.get(nid)
+        self.log.info("Dropping {node}: {reason}", node=nid, reason=reason)
+        if peer is not None:
+            peer.bye(F.ByeCode.PROTOCOL_ERROR, reason)
+        elif nid in self.scheduler.sources:
+            self._run(self.scheduler.remove_source(nid))
+
+    # -- origin ----------------------------------------------------------
+
+    def _origin_request(self, block: int, subs: tuple[int, ...]) -> None:
+        fetch = self._fetch_range
+        origins = self.manifest.origins
+        assert fetch is not None and origins
+        g = self.manifest.geometry
+        if block in self.leaves:
+            first, last = min(subs), max(subs)
+        else:
+            first, last = 0, g.subs_in_block(block) - 1  # a whole block: checked against its root
+        start = g.sub_offset(block, first)
+        end = g.sub_offset(block, last) + g.sub_length(block, last) - 1
+        d = fetch(origins[0], start, end)
+
+        def got(data: bytes) -> None:
+            if self._stopped:
+                return
+            if block not in self.leaves:
+                leaves = [
+                    leaf_hash(data[i * g.sub_block_size : i * g.sub_block_size + g.sub_length(block, i)])
+                    for i in range(g.subs_in_block(block))
+                ]
+                if root_hash(leaves) != self.manifest.block_roots[block]:
+                    raise ValueError("origin block does not match the manifest")
+                self.leaves[block] = leaves
+            for s in range(first, last + 1):
+                off = (s - first) * g.sub_block_size
+                piece = data[off : off + g.sub_length(block, s)]
+                if s in subs or not self.entry.has_sub(block, s):
+                    if not check_sub(self.leaves[block], s, piece):
+                        raise ValueError(f"origin sub block {block}/{s} fails verification")
+                    if self.scheduler.is_done(block, s):
+                        continue
+                    self._accept(ORIGIN, block, s, piece)
+
+        def failed(f: Failure) -> None:
+            if self._stopped:
+                return
+            self.log.warn(
+                "Origin fetch of block {block} failed: {error}", block=block, error=f.getErrorMessage()
+            )
+            for s in subs:
+                self._run(self.scheduler.failed(ORIGIN, block, s))
+
+        d.addCallback(got)
+        d.addErrback(failed)
+
+    def _use_origin(self) -> None:
+        if self._origin_on or self._stopped:
+            return
+        if self._fetch_range is None or not self.manifest.origins:
+            self._fail(DownloadFailed(f"no peer can serve {self.content_id[:12]} and it has no origin"))
+            return
+        self._origin_on = True
+        self.log.info("No peers left for {cid}: falling back to the origin", cid=self.content_id[:12])
+        self._run(self.scheduler.add_source(ORIGIN, costly=True))
+
+    # -- the scheduler's commands -----------------------------------------
+
+    def _run(self, commands: list[sched.Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, sched.Request):
+                if cmd.source == ORIGIN:
+                    self._origin_request(cmd.block, cmd.subs)
+                else:
+                    peer = self._peer(cmd.source)
+                    if peer is not None:
+                        peer.request(self._cid, cmd.block, cmd.subs)
+            elif isinstance(cmd, sched.Cancel):
+                peer = self._peer(cmd.source)
+                if peer is not None:
+                    peer.cancel(self._cid, cmd.block, cmd.subs)
+            elif isinstance(cmd, sched.BlockDone):
+                for d in self._waiters.pop(cmd.block, []):
+                    d.callback(None)
+            elif isinstance(cmd, sched.Drop):
+                self._drop(str(cmd.source), cmd.reason)
+            elif isinstance(cmd, sched.NeedSources):
+                if self._no_peer_since is None:
+                    self._no_peer_since = self.clock.seconds()
+                self._connect_more()
+        if self.scheduler.finished and not self._stopped:
+            self._finish()
+
+    def _peer(self, key: Hashable) -> PeerProtocol | None:
+        return self.peers.get(str(key))
+
+    def _tick(self) -> None:
+        self._tick_call = None
+        if self._stopped:
+            return
+        now = self.clock.seconds()
+        self._run(self.scheduler.tick())
+        if now - self._last_ping >= PING_EVERY:
+            self._last_ping = now
+            for peer in self.peers.values():
+                peer.ping()
+        cheap = [k for k in self.scheduler.sources if k != ORIGIN]
+        if len(self.peers) + len(self._connecting) < self.max_peers:
+            self._connect_more()
+            if now - self._last_lookup >= TRACKER_RETRY:
+                self._refresh_nodes()
+        if not cheap and not self._connecting:
+            if self._no_peer_since is None:
+                self._no_peer_since = now
+            elif now - self._no_peer_since >= ORIGIN_GRACE:
+                self._use_origin()
+        else:
+            self._no_peer_since = None
+        if not self._stopped:
+            self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "content_id": self.content_id,
+            "size": self.size,
+            "blocks_done": self.scheduler.next_block,
+            "blocks": self.manifest.num_blocks,
+            "complete": self.scheduler.finished,
+            "failed": self.failure.getErrorMessage() if self.failure is not None else None,
+            "peers": sorted(self.peers),
+            "bytes_by_source": dict(self.bytes_by_source),
+            "rejected_bytes": self.rejected_bytes,
+            "duplicated_bytes": self.scheduler.duplicated_bytes,
+        }

@@ -1,0 +1,409 @@
+# -*- test-case-name: tests.test_scheduler -*-
+"""
+The download scheduler: a pure state machine, events in and commands out.
+
+No sockets, no reactor: time comes from an injected L{IReactorTime} (only its
+C{seconds()} is read), and every event method returns the list of commands
+the caller must carry out (L{Request}, L{Cancel}, L{Drop}, L{BlockDone},
+L{NeedSources}).
+
+Valuation index (claims 4, 5, 11)
+    Each source has an estimated delivery rate C{v} in bytes/s: before any
+    sub block has arrived, the rate the tracker reported for the node (its free
+    upload bandwidth, the C{hint}); afterwards an EWMA (weight C{ALPHA}) of
+    measured rates.  A sub block of C{n} bytes is estimated to cost
+    C{rtt + n / v} seconds on that source.
+
+Distribution (claims 2, 4)
+    When a block enters the window its sub blocks are shared out over the
+    usable sources in proportion to C{v} (largest remainders), each source
+    keeping at most C{pipeline} requests outstanding so RTT never caps its
+    throughput; the rest of its share waits in its queue.
+
+Redistribution (claims 6, 7, 8, 14, 16, 28)
+    When a source F has nothing queued or in flight while others still have
+    queued work, S = the slowest source with queued (not yet requested) sub
+    blocks.  If S would need longer for its queue than F needs for one more sub
+    block, F takes C{max(1, round(r * vF / (vF + vS)))} of S's C{r} queued sub
+    blocks (from the end of S's queue).  When nothing is queued anywhere but a
+    sub block is still in flight on a source much slower than F, F duplicates
+    it (endgame); the first verified copy wins and the other is cancelled.
+
+Faults (claims 9, 13, 15)
+    A lost or stalled source gives its work back; a sub block that fails
+    verification is requested elsewhere and its sender gets a strike;
+    C{max_strikes} strikes drop the source.  Sources marked costly (the
+    origin) are only given work when no other source is usable.
+
+This is the foundation's version of the policy; its seams (events and
+commands) are the ones the full scheduler keeps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable
+
+from attrs import define, field, frozen
+from twisted.internet.interfaces import IReactorTime
+
+from meshstream.manifest import Geometry
+
+ALPHA = 0.3
+DEFAULT_PIPELINE = 4
+DEFAULT_WINDOW = 2
+DEFAULT_HINT_RATE = 1024 * 1024.0
+MIN_STALL_TIMEOUT = 5.0
+ENDGAME_FACTOR = 2.0
+
+SubId = tuple[int, int]  # (block, sub)
+
+
+@frozen
+class Request:
+    source: Hashable
+    block: int
+    subs: tuple[int, ...]
+
+
+@frozen
+class Cancel:
+    source: Hashable
+    block: int
+    subs: tuple[int, ...]
+
+
+@frozen
+class Drop:
+    """Disconnect the source and black-list it."""
+
+    source: Hashable
+    reason: str
+
+
+@frozen
+class BlockDone:
+    """Block C{block} is verified; blocks are announced strictly in order."""
+
+    block: int
+
+
+@frozen
+class NeedSources:
+    """No usable source is left for the remaining work."""
+
+    reason: str
+
+
+Command = Request | Cancel | Drop | BlockDone | NeedSources
+
+
+@define
+class SourceState:
+    key: Hashable
+    hint: float
+    costly: bool = False
+    rate: float | None = None
+    rtt: float = 0.0
+    queue: deque[SubId] = field(factory=deque)
+    inflight: dict[SubId, float] = field(factory=dict)
+    busy_since: float | None = None
+    last_progress: float = 0.0
+    bytes: int = 0
+    strikes: int = 0
+    subs_done: int = 0
+
+    @property
+    def speed(self) -> float:
+        return self.rate if self.rate is not None else self.hint
+
+    def idle(self) -> bool:
+        return not self.queue and not self.inflight
+
+
+class Scheduler:
+    def __init__(
+        self,
+        geometry: Geometry,
+        clock: IReactorTime,
+        pipeline: int = DEFAULT_PIPELINE,
+        window: int = DEFAULT_WINDOW,
+        max_strikes: int = 3,
+        have: Iterable[SubId] = (),
+    ) -> None:
+        if pipeline < 1 or window < 1:
+            raise ValueError("pipeline and window must be at least 1")
+        self.g = geometry
+        self.clock = clock
+        self.pipeline = pipeline
+        self.window = window
+        self.max_strikes = max_strikes
+        self.sources: dict[Hashable, SourceState] = {}
+        self._done: set[SubId] = set(have)
+        self._missing: dict[int, int] = {}
+        self._next_block = 0  # first block not yet announced done
+        self._opened = 0  # blocks [_next_block, _opened) are in the window
+        self._pool: deque[SubId] = deque()  # work no source holds
+        self.duplicated_bytes = 0
+
+    # -- queries ---------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self._next_block >= self.g.num_blocks
+
+    @property
+    def next_block(self) -> int:
+        return self._next_block
+
+    def is_done(self, block: int, sub: int) -> bool:
+        return (block, sub) in self._done
+
+    def usable(self) -> list[SourceState]:
+        cheap = [s for s in self.sources.values() if not s.costly]
+        return cheap or list(self.sources.values())
+
+    # -- events ----------------------------------------------------------
+
+    def start(self) -> list[Command]:
+        out: list[Command] = []
+        self._advance(out)
+        return out
+
+    def add_source(self, key: Hashable, hint: float | None = None, costly: bool = False) -> list[Command]:
+        now = self.clock.seconds()
+        self.sources[key] = SourceState(
+            key, hint if hint and hint > 0 else DEFAULT_HINT_RATE, costly, last_progress=now
+        )
+        out: list[Command] = []
+        if not costly and any(s.costly for s in self.sources.values() if s.key != key):
+            # A cheap source is back: take work off the costly ones.
+            for s in list(self.sources.values()):
+                if s.costly and s.queue:
+                    self._pool.extend(s.queue)
+                    s.queue.clear()
+        self._assign_pool(out)
+        self._balance(out)
+        self._fill(out)
+        return out
+
+    def remove_source(self, key: Hashable) -> list[Command]:
+        src = self.sources.pop(key, None)
+        out: list[Command] = []
+        if src is None:
+            return out
+        self._give_back(src)
+        self._assign_pool(out)
+        self._fill(out)
+        self._check_starved(out)
+        return out
+
+    def rtt_measured(self, key: Hashable, rtt: float) -> None:
+        src = self.sources.get(key)
+        if src is not None and rtt >= 0:
+            src.rtt = rtt if src.rtt == 0 else (1 - ALPHA) * src.rtt + ALPHA * rtt
+
+    def received(self, key: Hashable, block: int, sub: int, nbytes: int) -> list[Command]:
+        """A sub block from C{key} arrived I{and verified}."""
+        out: list[Command] = []
+        now = self.clock.seconds()
+        sid = (block, sub)
+        src = self.sources.get(key)
+        if src is not None:
+            sent = src.inflight.pop(sid, None)
+            if sid in src.queue:
+                src.queue.remove(sid)
+            src.bytes += nbytes
+            src.subs_done += 1
+            start = src.busy_since if src.busy_since is not None else sent
+            if start is not None and now > start:
+                sample = nbytes / (now - start)
+                src.rate = sample if src.rate is None else (1 - ALPHA) * src.rate + ALPHA * sample
+            src.busy_since = now if src.inflight else None
+            src.last_progress = now
+        if sid in self._done:
+            if src is not None:
+                self.duplicated_bytes += nbytes
+            return out
+        self._done.add(sid)
+        # First copy wins: cancel any duplicate elsewhere.
+        for other in self.sources.values():
+            if other is not src and sid in other.inflight:
+                del other.inflight[sid]
+                out.append(Cancel(other.key, block, (sub,)))
+            if sid in other.queue:
+                other.queue.remove(sid)
+        if sid in self._pool:
+            self._pool.remove(sid)
+        self._missing[block] -= 1
+        self._advance(out)
+        self._balance(out)
+        self._fill(out)
+        return out
+
+    def failed(self, key: Hashable, block: int, sub: int, strike: bool = True) -> list[Command]:
+        """A sub block from C{key} failed verification (or was refused)."""
+        out: list[Command] = []
+        src = self.sources.get(key)
+        sid = (block, sub)
+        if src is None:
+            return out
+        src.inflight.pop(sid, None)
+        if src.busy_since is not None and not src.inflight:
+            src.busy_since = None
+        if sid not in self._done and not self._held_elsewhere(sid, src):
+            self._pool.appendleft(sid)
+        if strike:
+            src.strikes += 1
+            if src.strikes >= self.max_strikes:
+                out.append(Drop(key, f"{src.strikes} strikes"))
+                out.extend(self.remove_source(key))
+                return out
+        # Prefer others for the failed sub block.
+        self._assign_pool(out, avoid=src)
+        self._fill(out)
+        self._check_starved(out)
+        return out
+
+    def tick(self) -> list[Command]:
+        """Call about once a second: detects stalled sources."""
+        out: list[Command] = []
+        now = self.clock.seconds()
+        for src in list(self.sources.values()):
+            if not src.inflight:
+                src.last_progress = now
+                continue
+            if now - src.last_progress > self.stall_timeout(src):
+                out.append(Drop(src.key, f"stalled for {now - src.last_progress:.1f}s"))
+                out.extend(self.remove_source(src.key))
+        return out
+
+    def stall_timeout(self, src: SourceState) -> float:
+        """Time without a byte after which C{src} is stalled: 4 sub blocks' worth at its rate."""
+        expected = src.rtt + self.g.sub_block_size / max(src.speed, 1.0)
+        return max(MIN_STALL_TIMEOUT, 4 * expected * self.pipeline)
+
+    # -- internals -------------------------------------------------------
+
+    def _held_elsewhere(self, sid: SubId, but: SourceState) -> bool:
+        return any(sid in s.inflight or sid in s.queue for s in self.sources.values() if s is not but)
+
+    def _give_back(self, src: SourceState) -> None:
+        for sid in list(src.inflight) + list(src.queue):
+            if sid not in self._done and not self._held_elsewhere(sid, src):
+                self._pool.append(sid)
+        src.inflight.clear()
+        src.queue.clear()
+
+    def _advance(self, out: list[Command]) -> None:
+        while self._next_block < self._opened and self._missing.get(self._next_block) == 0:
+            del self._missing[self._next_block]
+            out.append(BlockDone(self._next_block))
+            self._next_block += 1
+        while self._opened < self.g.num_blocks and self._opened < self._next_block + self.window:
+            b = self._opened
+            self._opened += 1
+            subs = [(b, s) for s in range(self.g.subs_in_block(b)) if (b, s) not in self._done]
+            self._missing[b] = len(subs)
+            if not subs:
+                self._advance(out)
+                return
+            self._distribute(subs, out)
+
+    def _distribute(self, subs: list[SubId], out: list[Command]) -> None:
+        targets = self.usable()
+        if not targets:
+            self._pool.extend(subs)
+            self._check_starved(out)
+            return
+        total = sum(s.speed for s in targets)
+        exact = [len(subs) * s.speed / total for s in targets]
+        counts = [int(x) for x in exact]
+        left = len(subs) - sum(counts)
+        by_remainder = sorted(range(len(targets)), key=lambda i: exact[i] - counts[i], reverse=True)
+        for i in by_remainder[:left]:
+            counts[i] += 1
+        # Fastest sources take the earliest sub blocks.
+        order = sorted(range(len(targets)), key=lambda i: -targets[i].speed)
+        it = iter(subs)
+        for i in order:
+            for _ in range(counts[i]):
+                targets[i].queue.append(next(it))
+        self._fill(out)
+
+    def _assign_pool(self, out: list[Command], avoid: SourceState | None = None) -> None:
+        if not self._pool:
+            return
+        targets = [s for s in self.usable() if s is not avoid] or self.usable()
+        if not targets:
+            return
+        pool = [sid for sid in self._pool if sid not in self._done]
+        self._pool.clear()
+        total = sum(s.speed for s in targets)
+        i = 0
+        for src in sorted(targets, key=lambda s: -s.speed):
+            n = round(len(pool) * src.speed / total)
+            src.queue.extend(pool[i : i + n])
+            i += n
+        if i < len(pool):
+            max(targets, key=lambda s: s.speed).queue.extend(pool[i:])
+
+    def _balance(self, out: list[Command]) -> None:
+        """Claim 8: idle sources take over part of the slowest source's queue."""
+        usable = self.usable()
+        for f in sorted(usable, key=lambda s: -s.speed):
+            if not f.idle():
+                continue
+            loaded = [s for s in usable if s is not f and s.queue]
+            if loaded:
+                slow = min(loaded, key=lambda s: s.speed)
+                vf, vs = f.speed, slow.speed
+                r = len(slow.queue)
+                size = self.g.sub_block_size
+                slow_finish = (r + len(slow.inflight)) * size / max(vs, 1.0)
+                fast_one = f.rtt + size / max(vf, 1.0)
+                if slow_finish > fast_one:
+                    k = max(1, round(r * vf / (vf + vs)))
+                    for _ in range(min(k, r)):
+                        f.queue.appendleft(slow.queue.pop())
+                continue
+            self._endgame(f, usable, out)
+
+    def _endgame(self, f: SourceState, usable: list[SourceState], out: list[Command]) -> None:
+        now = self.clock.seconds()
+        best: tuple[float, SourceState, SubId] | None = None
+        for s in usable:
+            if s is f or not s.inflight or s.speed * ENDGAME_FACTOR > f.speed:
+                continue
+            for sid, sent in s.inflight.items():
+                if any(sid in o.inflight for o in usable if o is not s):
+                    continue
+                eta = sent + s.rtt + self.g.sub_block_size / max(s.speed, 1.0) * len(s.inflight)
+                if best is None or eta > best[0]:
+                    best = (eta, s, sid)
+        if best is not None and best[0] - now > f.rtt + self.g.sub_block_size / max(f.speed, 1.0):
+            f.queue.append(best[2])
+
+    def _fill(self, out: list[Command]) -> None:
+        """Top every source's pipeline up from its queue."""
+        now = self.clock.seconds()
+        for src in self.sources.values():
+            batch: dict[int, list[int]] = {}
+            if not src.inflight:
+                src.last_progress = now
+            while src.queue and len(src.inflight) < self.pipeline:
+                sid = src.queue.popleft()
+                if sid in self._done or sid in src.inflight:
+                    continue
+                src.inflight[sid] = now
+                batch.setdefault(sid[0], []).append(sid[1])
+            if batch and src.busy_since is None:
+                src.busy_since = now
+            for block, subs in batch.items():
+                out.append(Request(src.key, block, tuple(subs)))
+
+    def _check_starved(self, out: list[Command]) -> None:
+        if self.finished:
+            return
+        if not self.sources and (self._pool or self._missing):
+            out.append(NeedSources("no source left"))

@@ -1,0 +1,309 @@
+# -*- test-case-name: tests.test_tracker_client -*-
+"""
+A client of the tracker's HTTP/JSON API, for agents and tools.
+
+L{TrackerClient} holds an injected treq-like HTTP client (the C{treq}
+module, a C{treq.client.HTTPClient} or C{treq.testing.StubTreq}: anything
+whose C{request(method, url, headers=, data=)} returns a Deferred of a
+response), the tracker's base URL and a clock.  Every call is bounded in time
+(C{timeout}, covering the response body too) and in size (C{max_body}).
+
+Failures: L{TrackerError} (with the HTTP status and the tracker's error code
+when there is one) for HTTP errors, timeouts, unreachable trackers and
+malformed answers; L{UnknownContent} when the tracker has no such content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+from urllib.parse import quote, urlencode
+
+from attrs import define, field, frozen
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from meshstream.errors import TrackerError, UnknownContent
+from meshstream.manifest import Manifest, ManifestError, load_public_key
+
+log = Logger()
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_BODY = 20 * 1024 * 1024  # a signed manifest is at most 8 MiB of JSON
+
+
+@frozen
+class NodeInfo:
+    """A node the tracker listed for a content."""
+
+    node_id: str
+    host: str
+    port: int
+    state: dict[str, Any] = field(hash=False)
+    last_seen: float
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """C{host:port} or C{[v6]:port} to C{(host, port)}; ValueError if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"bad address {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad port in {address!r}")
+    return host, port
+
+
+class _BoundedBody(Protocol):
+    """Collects a response body, failing once it grows past C{limit} bytes."""
+
+    def __init__(self, limit: int, finished: Deferred[bytes]) -> None:
+        self._limit = limit
+        self._finished = finished
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._done = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._fail(TrackerError(f"tracker response larger than {self._limit} bytes"))
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self._done:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done = True
+            self._finished.callback(b"".join(self._parts))
+        else:
+            self._done = True
+            self._finished.errback(reason)
+
+    def _fail(self, error: Exception) -> None:
+        self._done = True
+        self._parts = []
+        if self.transport is not None:
+            # The response body transport is a push producer: stopping it
+            # drops the connection rather than read the rest.
+            cast(Any, self.transport).stopProducing()
+        self._finished.errback(error)
+
+    def refuse(self, error: Exception) -> None:
+        if not self._done:
+            self._fail(error)
+
+    def cancel(self) -> None:
+        self.refuse(CancelledError())
+
+
+def read_body(response: Any, limit: int) -> Deferred[bytes]:
+    """Read a response body of at most C{limit} bytes (cancellable)."""
+    protocol: _BoundedBody | None = None
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if protocol is not None:
+            protocol.cancel()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    protocol = _BoundedBody(limit, finished)
+    response.deliverBody(protocol)
+    length = getattr(response, "length", None)
+    if isinstance(length, int) and length > limit:
+        protocol.refuse(TrackerError(f"tracker response larger than {limit} bytes"))
+    return finished
+
+
+def _strip_slash(url: str) -> str:
+    return str(url).rstrip("/")
+
+
+@define
+class TrackerClient:
+    """
+    Talks to one tracker.
+
+    @param http: a treq-like client (C{treq}, C{HTTPClient}, C{StubTreq}).
+    @param base_url: e.g. C{"https://tracker.example:7070"} (no trailing path).
+    @param clock: for the timeouts.
+    """
+
+    _http: Any
+    base_url: str = field(converter=_strip_slash)
+    _clock: IReactorTime
+    timeout: float = DEFAULT_TIMEOUT
+    max_body: int = DEFAULT_MAX_BODY
+
+    # -- the endpoints -------------------------------------------------------
+
+    def public_key(self) -> Deferred[Ed25519PublicKey]:
+        """The tracker's manifest signing key."""
+
+        def parse(body: object) -> Ed25519PublicKey:
+            doc = _object(body)
+            if doc.get("algorithm") != "ed25519" or not isinstance(doc.get("public_key"), str):
+                raise TrackerError("tracker key answer is malformed")
+            try:
+                return load_public_key(doc["public_key"].encode("ascii"))
+            except (ManifestError, UnicodeEncodeError) as e:
+                raise TrackerError(f"tracker key is invalid: {e}") from None
+
+        return self._call("GET", "/api/v1/key").addCallback(parse)
+
+    def register_manifest(self, manifest: Manifest) -> Deferred[Manifest]:
+        """Register C{manifest}; fire with the tracker-signed manifest (the first one
+        registered under that content id, if it was registered before)."""
+
+        def parse(body: object) -> Manifest:
+            return _manifest(_object(body).get("manifest"))
+
+        return self._call("POST", "/api/v1/manifests", manifest.to_json()).addCallback(parse)
+
+    def get_manifest(self, content_id: str) -> Deferred[Manifest]:
+        """The manifest as the tracker has it (parsed, not verified)."""
+        path = f"/api/v1/manifests/{quote(content_id, safe='')}"
+        return self._call("GET", path, content_id=content_id).addCallback(_manifest)
+
+    def announce(
+        self,
+        node_id: str,
+        address: str,
+        contents: Iterable[str],
+        state: Mapping[str, float],
+    ) -> Deferred[dict[str, Any]]:
+        """Announce; fire with C{{"interval", "expires_in", "unknown"}}."""
+        body = {
+            "node_id": node_id,
+            "address": address,
+            "contents": list(contents),
+            "state": dict(state),
+        }
+        return self._call("POST", "/api/v1/announce", _encode(body)).addCallback(_object)
+
+    def nodes(
+        self, content_id: str, limit: int = 50, exclude: Iterable[str] = ()
+    ) -> Deferred[list[NodeInfo]]:
+        """The best nodes holding C{content_id}, best first."""
+        query = urlencode([("limit", str(limit))] + [("exclude", e) for e in exclude])
+        path = f"/api/v1/contents/{quote(content_id, safe='')}/nodes?{query}"
+
+        def parse(body: object) -> list[NodeInfo]:
+            entries = _object(body).get("nodes")
+            if not isinstance(entries, list):
+                raise TrackerError("tracker node list is malformed")
+            return [n for n in (_node(e) for e in entries) if n is not None]
+
+        return self._call("GET", path, content_id=content_id).addCallback(parse)
+
+    def leave(self, node_id: str) -> Deferred[None]:
+        """Tell the tracker this node is gone."""
+        d = self._call("POST", "/api/v1/leave", _encode({"node_id": node_id}))
+        return d.addCallback(lambda _: None)
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None = None,
+        content_id: str | None = None,
+    ) -> Deferred[object]:
+        """One request: fire with the decoded JSON of a 2xx answer, or fail."""
+        url = self.base_url + path
+        headers = Headers({b"Accept": [b"application/json"]})
+        if data is not None:
+            headers.addRawHeader(b"Content-Type", b"application/json")
+        d: Deferred[Any] = self._http.request(method, url, headers=headers, data=data)
+
+        def got_response(response: Any) -> Deferred[object]:
+            status = int(response.code)
+            body = read_body(response, self.max_body)
+            return body.addCallback(self._decode, status, content_id)
+
+        d.addCallback(got_response)
+        d.addTimeout(self.timeout, self._clock)
+        d.addErrback(self._translate, method, url)
+        return d
+
+    def _decode(self, body: bytes, status: int, content_id: str | None) -> object:
+        try:
+            doc = json.loads(body) if body else None
+        except ValueError:
+            doc = None
+        if 200 <= status < 300:
+            if doc is None and body:
+                raise TrackerError("tracker answered with invalid JSON", status)
+            return doc
+        code: str | None = None
+        message = f"tracker answered HTTP {status}"
+        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+            err = doc["error"]
+            if isinstance(err.get("code"), str):
+                code = err["code"]
+            if isinstance(err.get("message"), str):
+                message = f"{message}: {err['message']}"
+        if status == 404 and code == "unknown_content":
+            raise UnknownContent(content_id or message)
+        raise TrackerError(message, status, code)
+
+    def _translate(self, f: Failure, method: str, url: str) -> Failure:
+        if f.check(TrackerError, UnknownContent):
+            return f
+        if f.check(TimeoutError):
+            return Failure(
+                TrackerError(f"{method} {url} timed out after {self.timeout}s", None, "timeout")
+            )
+        if f.check(CancelledError):
+            return f
+        return Failure(TrackerError(f"{method} {url} failed: {f.getErrorMessage()}"))
+
+
+def _encode(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def _object(body: object) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise TrackerError("tracker answer is not a JSON object")
+    return body
+
+
+def _manifest(doc: object) -> Manifest:
+    try:
+        return Manifest.from_dict(doc)
+    except ManifestError as e:
+        raise TrackerError(f"tracker sent a bad manifest: {e}") from None
+
+
+def _node(entry: object) -> NodeInfo | None:
+    """One entry of a node list, or None (logged) if it is malformed."""
+    try:
+        if not isinstance(entry, dict):
+            raise ValueError("not an object")
+        node_id, address = entry.get("node_id"), entry.get("address")
+        state, last_seen = entry.get("state", {}), entry.get("last_seen")
+        if not isinstance(node_id, str) or not isinstance(address, str):
+            raise ValueError("node_id and address must be strings")
+        if not isinstance(state, dict):
+            raise ValueError("state must be an object")
+        if isinstance(last_seen, bool) or not isinstance(last_seen, int | float):
+            raise ValueError("last_seen must be a number")
+        host, port = split_address(address)
+    except ValueError as e:
+        log.warn("Ignoring a malformed node entry from the tracker: {error}", error=e)
+        return None
+    return NodeInfo(node_id, host, port, state, float(last_seen))

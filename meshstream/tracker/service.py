@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.test_tracker_api -*-
+"""
+The tracker as a service tree::
+
+  TrackerService (MultiService)
+   ├── TimerService: purge expired nodes every announce interval
+   └── StreamServerEndpointService per --listen string, serving Site(root)
+
+Starting it runs the store migrations (requests wait for them); stopping it
+stops listening, drops open HTTP connections, waits for the purge in flight
+and closes the database pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from meshstream.tracker.api import BoundedRequest, TrackerAPI
+from meshstream.tracker.store import TrackerStore, open_store
+
+log = Logger()
+
+HTTP_IDLE_TIMEOUT = 60  # seconds before an idle HTTP connection is closed
+
+
+class TrackerKeyError(Exception):
+    """The tracker's signing key file cannot be used."""
+
+
+def load_or_create_key(path: str) -> Ed25519PrivateKey:
+    """
+    Load the Ed25519 signing key (PKCS8 PEM, unencrypted) at C{path}.
+
+    If there is no file, create one with mode 0600.  Blocking: call it at
+    start-up, before the reactor runs.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        log.info("Created a new tracker key in {path}", path=path)
+        return key
+    try:
+        loaded = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise TrackerKeyError(f"cannot read the tracker key {path}: {e}") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise TrackerKeyError(f"{path} is not an Ed25519 private key")
+    return loaded
+
+
+@implementer(IStreamServerEndpoint)
+class _RecordingEndpoint:
+    """Wraps an endpoint to hand its listening port to whoever waits for it."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self._endpoint = endpoint
+        self._waiters: list[Deferred[IListeningPort]] = []
+        self._result: IListeningPort | Failure | None = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        d = self._endpoint.listen(protocolFactory)
+
+        def record(result: IListeningPort | Failure) -> IListeningPort | Failure:
+            self._result = result
+            waiting, self._waiters = self._waiters, []
+            for w in waiting:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+            return result
+
+        return d.addBoth(record)
+
+    def port(self) -> Deferred[IListeningPort]:
+        if isinstance(self._result, Failure):
+            return fail(self._result)
+        d: Deferred[IListeningPort] = Deferred()
+        if self._result is None:
+            self._waiters.append(d)
+        else:
+            d.callback(self._result)
+        return d
+
+
+class _ConnectionTracker(WrappingFactory):
+    """Keeps the open connections, so that stopping can drop them all."""
+
+    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+        super().__init__(wrappedFactory)
+        self._lost: dict[ProtocolWrapper, list[Deferred[None]]] = {}
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        for d in self._lost.pop(p, []):
+            d.callback(None)
+
+    def abort_all(self) -> Deferred[Any]:
+        """Abort every open connection; fire when all are closed."""
+        waiting: list[Deferred[None]] = []
+        for p in list(self.protocols):
+            d: Deferred[None] = Deferred()
+            self._lost.setdefault(p, []).append(d)
+            waiting.append(d)
+            if p.transport is not None:
+                p.transport.abortConnection()
+        return DeferredList(waiting, consumeErrors=True)
+
+
+class TrackerService(MultiService):
+    """
+    The tracker: HTTP listeners, the expiry timer and the store.
+
+    @param reactor: for the listening endpoints.
+    @param api: the request handlers (they hold the store and the clock).
+    @param listen: endpoint description strings, e.g. C{tcp:7070}.
+    @param clock: drives the expiry timer; defaults to C{reactor}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        api: TrackerAPI,
+        listen: Sequence[str],
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__()
+        self.api = api
+        self.store: TrackerStore = api.store
+        self._ready: Deferred[int] | None = None
+        site = Site(
+            api.resource(),
+            requestFactory=BoundedRequest,
+            timeout=HTTP_IDLE_TIMEOUT,
+            reactor=reactor,
+        )
+        site.displayTracebacks = False
+        self._connections = _ConnectionTracker(site)
+        self._endpoints: list[_RecordingEndpoint] = []
+        for description in listen:
+            endpoint = _RecordingEndpoint(serverFromString(reactor, description))
+            self._endpoints.append(endpoint)
+            StreamServerEndpointService(endpoint, self._connections).setServiceParent(self)
+        timer = TimerService(api.announce_interval, self._purge)
+        timer.clock = clock if clock is not None else reactor
+        timer.setServiceParent(self)
+
+    def _purge(self) -> Deferred[None]:
+        d = self.api.purge_expired()
+
+        def failed(f: Failure) -> None:
+            log.failure("Purging expired nodes failed", f)
+
+        return d.addCallbacks(lambda _: None, failed)
+
+    def privilegedStartService(self) -> None:
+        # Migrate first, so requests queue behind the schema.
+        self._start_store()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._start_store()
+        super().startService()
+
+    def _start_store(self) -> None:
+        if self._ready is not None:
+            return
+
+        def failed(f: Failure) -> Failure:
+            log.failure("The tracker database could not be opened", f)
+            return f
+
+        self._ready = self.store.start().addErrback(failed)
+
+    def ready(self) -> Deferred[int]:
+        """Fire with the schema version once the store is migrated."""
+        return self.store.schema_version()
+
+    def listening(self) -> Deferred[list[IListeningPort]]:
+        """Fire with the listening ports, in C{listen} order."""
+        return gatherResults([e.port() for e in self._endpoints], consumeErrors=True)
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = Deferred.fromCoroutine(self._stop())
+        return d
+
+    async def _stop(self) -> None:
+        try:
+            await super().stopService()
+        finally:
+            await self._connections.abort_all()
+            self.store.close()
+
+
+def build_tracker_service(
+    reactor: Any,
+    listen: Sequence[str],
+    db_url: str,
+    signing_key: Ed25519PrivateKey,
+    announce_interval: float = 30.0,
+    expire_after: int = 3,
+    clock: IReactorTime | None = None,
+) -> TrackerService:
+    """
+    Put a tracker together from its settings.
+
+    C{clock} (default: C{reactor}) is the tracker's only source of time: the
+    API's C{last_seen} and expiry, and the purge timer.  Tests pass a
+    L{twisted.internet.task.Clock} while C{reactor} does the networking.
+    """
+    time = clock if clock is not None else reactor
+    store = open_store(db_url, reactor)
+    api = TrackerAPI(
+        store,
+        signing_key,
+        time,
+        announce_interval=announce_interval,
+        expire_after=expire_after,
+    )
+    return TrackerService(reactor, api, listen, clock=time)

@@ -1,0 +1,414 @@
+# -*- test-case-name: tests.test_tracker_api -*-
+"""
+The tracker's database: manifests, nodes and what each node holds.
+
+Every call returns a Deferred; the work runs on L{adbapi.ConnectionPool}'s
+thread.  SQLite is the only backend for now, but the seams a PostgreSQL
+backend needs are in place:
+
+  - every statement is in L{_SQL} and uses C{?} placeholders, written in the
+    SQL both engines accept (C{INSERT ... ON CONFLICT ... DO ...});
+  - L{Dialect.sql} rewrites placeholders for a driver's paramstyle (C{qmark}
+    for sqlite3, C{format} for psycopg), the single place that knows;
+  - L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
+
+Schema (version 1)::
+
+  schema_version(version INTEGER)
+  manifests(content_id TEXT PK, json TEXT, created REAL)
+  nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL)
+  holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id))
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from attrs import frozen
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+SCHEMA_VERSION = 1
+
+# Stay well below SQLite's host-parameter limit (999 before 3.32).
+_IN_CHUNK = 500
+
+T = TypeVar("T")
+Cursor = Any  # a DB-API cursor (adbapi's Transaction proxies one)
+
+
+class StoreError(Exception):
+    """The database cannot be used (bad URL, newer schema, closed store)."""
+
+
+@frozen
+class DatabaseURL:
+    """A parsed C{--db} value."""
+
+    scheme: str
+    path: str
+
+
+def parse_db_url(url: str) -> DatabaseURL:
+    """
+    Parse C{sqlite:PATH}; raise L{StoreError} for anything else.
+
+    (C{postgresql://...} would be parsed here too once that backend exists.)
+    """
+    scheme, sep, rest = url.partition(":")
+    if not sep or scheme != "sqlite":
+        raise StoreError(f"unsupported database URL {url!r} (expected sqlite:PATH)")
+    if not rest or rest == ":memory:":
+        raise StoreError("sqlite URL needs a file path: sqlite:PATH")
+    return DatabaseURL(scheme, rest)
+
+
+@frozen
+class Dialect:
+    """What differs between database drivers, as data."""
+
+    name: str
+    paramstyle: str  # "qmark" or "format"
+    # sqlite3 (in its default mode) runs DDL outside any transaction and
+    # begins one only at the first DML statement; an explicit BEGIN makes
+    # migrations and read-then-write interactions atomic.
+    explicit_begin: bool = False
+
+    def sql(self, statement: str) -> str:
+        """Rewrite a C{?}-placeholder statement for this driver."""
+        if self.paramstyle == "qmark":
+            return statement
+        if self.paramstyle == "format":
+            return statement.replace("%", "%%").replace("?", "%s")
+        raise StoreError(f"unsupported paramstyle {self.paramstyle!r}")
+
+
+SQLITE = Dialect("sqlite", "qmark", explicit_begin=True)
+
+
+class _SQL:
+    """Every statement the tracker runs, with C{?} placeholders."""
+
+    create_schema_version = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+    get_schema_version = "SELECT MAX(version) FROM schema_version"
+    set_schema_version = "INSERT INTO schema_version (version) VALUES (?)"
+
+    migrations: dict[int, tuple[str, ...]] = {
+        1: (
+            "CREATE TABLE manifests ("
+            " content_id TEXT PRIMARY KEY, json TEXT NOT NULL, created REAL NOT NULL)",
+            "CREATE TABLE nodes ("
+            " node_id TEXT PRIMARY KEY, address TEXT NOT NULL,"
+            " state TEXT NOT NULL, last_seen REAL NOT NULL)",
+            "CREATE INDEX nodes_last_seen ON nodes (last_seen)",
+            "CREATE TABLE holdings ("
+            " node_id TEXT NOT NULL, content_id TEXT NOT NULL,"
+            " PRIMARY KEY (node_id, content_id))",
+            "CREATE INDEX holdings_content ON holdings (content_id)",
+        ),
+    }
+
+    insert_manifest = (
+        "INSERT INTO manifests (content_id, json, created) VALUES (?, ?, ?)"
+        " ON CONFLICT (content_id) DO NOTHING"
+    )
+    get_manifest = "SELECT json FROM manifests WHERE content_id = ?"
+    has_manifest = "SELECT 1 FROM manifests WHERE content_id = ?"
+    known_manifests = "SELECT content_id FROM manifests WHERE content_id IN ({marks})"
+
+    upsert_node = (
+        "INSERT INTO nodes (node_id, address, state, last_seen) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
+        " state = excluded.state, last_seen = excluded.last_seen"
+    )
+    delete_node = "DELETE FROM nodes WHERE node_id = ?"
+    delete_holdings = "DELETE FROM holdings WHERE node_id = ?"
+    insert_holding = "INSERT INTO holdings (node_id, content_id) VALUES (?, ?)"
+    nodes_for_content = (
+        "SELECT n.node_id, n.address, n.state, n.last_seen"
+        " FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
+        " WHERE h.content_id = ? AND n.last_seen >= ?"
+    )
+    purge_holdings = (
+        "DELETE FROM holdings WHERE node_id IN (SELECT node_id FROM nodes WHERE last_seen < ?)"
+    )
+    purge_nodes = "DELETE FROM nodes WHERE last_seen < ?"
+    count_nodes = "SELECT COUNT(*) FROM nodes"
+
+
+@frozen
+class NodeRecord:
+    """A node as the tracker last heard of it."""
+
+    node_id: str
+    address: str
+    state: dict[str, Any]
+    last_seen: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "state": self.state,
+            "last_seen": self.last_seen,
+        }
+
+
+def _decode_state(text: str) -> dict[str, Any]:
+    try:
+        state = json.loads(text)
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+class TrackerStore:
+    """
+    The tracker's tables behind Deferred-returning methods.
+
+    Call L{start} once (it runs the migrations); calls made before the
+    migrations finish wait for them.  L{close} stops the pool.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
+        self._pool = pool
+        self._dialect = dialect
+        self._ready = False
+        self._failed: Failure | None = None
+        self._closed = False
+        self._waiting: list[Deferred[None]] = []
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _q(self, statement: str) -> str:
+        return self._dialect.sql(statement)
+
+    def _begin(self, txn: Cursor) -> None:
+        if self._dialect.explicit_begin:
+            txn.execute("BEGIN")
+
+    def _when_ready(self) -> Deferred[None]:
+        if self._closed:
+            return fail(StoreError("the store is closed"))
+        if self._failed is not None:
+            return fail(self._failed)
+        if self._ready:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _interaction(self, fn: Callable[..., T], *args: object) -> Deferred[T]:
+        d = self._when_ready()
+        return d.addCallback(lambda _: self._pool.runInteraction(fn, *args))
+
+    def _release(self, failure: Failure | None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> Deferred[int]:
+        """Run the migrations; fire with the schema version."""
+
+        def done(version: int) -> int:
+            self._ready = True
+            self._release(None)
+            return version
+
+        def failed(f: Failure) -> Failure:
+            self._failed = f
+            self._release(f)
+            return f
+
+        d = self._pool.runInteraction(self._migrate)
+        d.addCallbacks(done, failed)
+        return d
+
+    def _migrate(self, txn: Cursor) -> int:
+        self._begin(txn)
+        txn.execute(self._q(_SQL.create_schema_version))
+        txn.execute(self._q(_SQL.get_schema_version))
+        row = txn.fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"database schema {version} is newer than this tracker ({SCHEMA_VERSION})"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _SQL.migrations[step]:
+                txn.execute(self._q(statement))
+            txn.execute(self._q(_SQL.set_schema_version), (step,))
+        return SCHEMA_VERSION
+
+    def close(self) -> None:
+        """Stop the pool (waits for a running query); later calls fail."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release(Failure(StoreError("the store is closed")))
+        self._pool.close()
+
+    # -- queries -----------------------------------------------------------
+
+    def schema_version(self) -> Deferred[int]:
+        def run(txn: Cursor) -> int:
+            txn.execute(self._q(_SQL.get_schema_version))
+            row = txn.fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        return self._interaction(run)
+
+    def add_manifest(self, content_id: str, text: str, created: float) -> Deferred[tuple[bool, str]]:
+        """
+        Store a manifest unless one with that id exists (first one wins).
+
+        Fire with C{(created, stored_json)}.
+        """
+
+        def run(txn: Cursor) -> tuple[bool, str]:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.insert_manifest), (content_id, text, created))
+            inserted = txn.rowcount == 1
+            txn.execute(self._q(_SQL.get_manifest), (content_id,))
+            row = txn.fetchone()
+            return inserted, str(row[0])
+
+        return self._interaction(run)
+
+    def get_manifest(self, content_id: str) -> Deferred[str | None]:
+        def run(txn: Cursor) -> str | None:
+            txn.execute(self._q(_SQL.get_manifest), (content_id,))
+            row = txn.fetchone()
+            return None if row is None else str(row[0])
+
+        return self._interaction(run)
+
+    def _known(self, txn: Cursor, content_ids: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for i in range(0, len(content_ids), _IN_CHUNK):
+            chunk = content_ids[i : i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            txn.execute(self._q(_SQL.known_manifests.format(marks=marks)), tuple(chunk))
+            known.update(str(row[0]) for row in txn.fetchall())
+        return known
+
+    def announce(
+        self,
+        node_id: str,
+        address: str,
+        state: dict[str, Any],
+        last_seen: float,
+        contents: Iterable[str],
+    ) -> Deferred[list[str]]:
+        """
+        Replace a node's record and its holdings, atomically.
+
+        Contents the tracker has no manifest for are not stored; fire with
+        their ids, in the order given.
+        """
+        wanted = list(dict.fromkeys(contents))
+        state_text = json.dumps(state, sort_keys=True, allow_nan=False)
+
+        def run(txn: Cursor) -> list[str]:
+            self._begin(txn)
+            known = self._known(txn, wanted)
+            txn.execute(self._q(_SQL.upsert_node), (node_id, address, state_text, last_seen))
+            txn.execute(self._q(_SQL.delete_holdings), (node_id,))
+            txn.executemany(
+                self._q(_SQL.insert_holding),
+                [(node_id, c) for c in wanted if c in known],
+            )
+            return [c for c in wanted if c not in known]
+
+        return self._interaction(run)
+
+    def leave(self, node_id: str) -> Deferred[bool]:
+        """Forget a node and its holdings; fire with whether it was known."""
+
+        def run(txn: Cursor) -> bool:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.delete_holdings), (node_id,))
+            txn.execute(self._q(_SQL.delete_node), (node_id,))
+            return bool(txn.rowcount)
+
+        return self._interaction(run)
+
+    def nodes_for(self, content_id: str, seen_since: float) -> Deferred[list[NodeRecord] | None]:
+        """
+        The nodes holding C{content_id} heard from at or after C{seen_since},
+        unordered; None if the content is unknown.
+        """
+
+        def run(txn: Cursor) -> list[NodeRecord] | None:
+            txn.execute(self._q(_SQL.has_manifest), (content_id,))
+            if txn.fetchone() is None:
+                return None
+            txn.execute(self._q(_SQL.nodes_for_content), (content_id, seen_since))
+            return [
+                NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen))
+                for node_id, address, state, last_seen in txn.fetchall()
+            ]
+
+        return self._interaction(run)
+
+    def purge(self, seen_before: float) -> Deferred[int]:
+        """Remove the nodes last heard from before C{seen_before}; fire with how many."""
+
+        def run(txn: Cursor) -> int:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.purge_holdings), (seen_before,))
+            txn.execute(self._q(_SQL.purge_nodes), (seen_before,))
+            return max(0, int(txn.rowcount))
+
+        return self._interaction(run)
+
+    def count_nodes(self) -> Deferred[int]:
+        def run(txn: Cursor) -> int:
+            txn.execute(self._q(_SQL.count_nodes))
+            return int(txn.fetchone()[0])
+
+        return self._interaction(run)
+
+
+def _sqlite_open(conn: sqlite3.Connection) -> None:
+    """Per-connection setup: WAL journal, and wait a little on a busy file."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def open_store(url: str, reactor: IReactorCore) -> TrackerStore:
+    """
+    Build a (not yet started) store for a C{--db} URL.
+
+    Raises L{StoreError} for URLs it cannot serve.
+    """
+    parsed = parse_db_url(url)
+    pool = adbapi.ConnectionPool(
+        "sqlite3",
+        parsed.path,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_sqlite_open,
+        cp_reactor=reactor,
+        cp_noisy=False,
+    )
+    return TrackerStore(pool, SQLITE)
