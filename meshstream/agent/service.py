@@ -136,6 +136,8 @@ class AgentService(Service):
         self._last_sent = 0
         self._last_sent_at = 0.0
         self._upload_bps = 0.0
+        self._pool: Any = None
+        self.http: Any = None
 
     # -- start and stop --------------------------------------------------
 
@@ -154,9 +156,12 @@ class AgentService(Service):
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.node_id = self.node_id or self._load_node_id()
         self.store = AgentStore(cfg.data_dir, load_or_create_key(os.path.join(cfg.data_dir, "box.key")))
-        import treq
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
 
-        self.tracker = TrackerClient(treq, cfg.tracker.rstrip("/"), self.clock)
+        self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self.http = HTTPClient(Agent(self.reactor, pool=self._pool))
+        self.tracker = TrackerClient(self.http, cfg.tracker.rstrip("/"), self.clock)
         self.tracker_key = yield self._trusted_key()
         self.store.load_cache(self._check_signed)
         for path in cfg.seeds:
@@ -249,9 +254,12 @@ class AgentService(Service):
             waits.append(self.tracker.leave(self.node_id).addErrback(lambda _f: None))
         stopped: Deferred[Any] = DeferredList(waits, consumeErrors=True)
 
-        def close(_: object) -> None:
+        def close(_: object) -> Any:
             if self.store is not None:
                 self.store.close()
+            if self._pool is not None:
+                return self._pool.closeCachedConnections()
+            return None
 
         stopped.addCallback(close)
         return stopped
@@ -367,7 +375,7 @@ class AgentService(Service):
             self.clock,
             find_nodes,
             self._connect,
-            fetch_range=lambda url, a, b: fetch_range(url, a, b, self.clock),
+            fetch_range=lambda url, a, b: fetch_range(url, a, b, self.clock, http=self.http),
             max_peers=self.config.max_peers,
             window=self.config.window,
             on_complete=self._session_complete,

@@ -29,7 +29,8 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
@@ -144,6 +145,11 @@ def _abort_connection(request: Request) -> None:
         request.loseConnection()
 
 
+def _log_unexpected(reason: Failure) -> None:
+    """The last errback of our chains: a bug in an errback must not vanish."""
+    _log.failure("Unexpected error in the stream server", failure=reason)
+
+
 def _send_error(request: Request, code: int, message: str) -> None:
     """Answer C{request} with a short text body (dropped for HEAD)."""
     body = (message + "\n").encode("utf-8")
@@ -181,8 +187,8 @@ class BlockProducer:
         self._ready: int | None = None
 
     @property
-    def sent(self) -> int:
-        """The next offset to send (the number of bytes sent, from start)."""
+    def offset(self) -> int:
+        """The offset in the content of the next byte to send."""
         return self._offset
 
     def start(self) -> None:
@@ -259,7 +265,7 @@ class BlockProducer:
                 self._wait_failed,
                 callbackArgs=(block,),
                 errbackArgs=(block,),
-            )
+            ).addErrback(_log_unexpected)
 
     def _write_block(self, block: int) -> None:
         stop = min(self._end, (block + 1) * self._block_size)
@@ -340,6 +346,7 @@ class _Response:
         self._opening = opening
         opening.addCallback(self._opened)
         opening.addErrback(self._open_failed, content_id)
+        opening.addErrback(_log_unexpected)
 
     def _connection_lost(self, reason: Failure) -> None:
         self._gone = True
@@ -424,6 +431,16 @@ class StreamResource(Resource):
         super().__init__()
         self._provider = provider
 
+    def render(self, request: Request) -> int:
+        # Answer other methods ourselves: twisted.web's own 405 page is built
+        # with a deprecated class and is HTML.
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            _send_error(request, 405, "Only GET and HEAD are allowed here.")
+            return NOT_DONE_YET
+        result: int = super().render(request)
+        return result
+
     def render_GET(self, request: Request) -> int:
         return self._render(request, send_body=True)
 
@@ -442,6 +459,16 @@ class StreamResource(Resource):
         return NOT_DONE_YET
 
 
+class _Root(Resource):
+    """The site's root: nothing but C{/stream}."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
+
+    def render(self, request: Request) -> bytes:
+        return notFound().render(request)
+
+
 def make_stream_site(provider: IStreamProvider, *, reactor: IReactorTime | None = None) -> Site:
     """
     A L{Site} with a L{StreamResource} at C{/stream/}.
@@ -449,7 +476,7 @@ def make_stream_site(provider: IStreamProvider, *, reactor: IReactorTime | None 
     @param reactor: passed on to L{Site} (for its log clock and timeouts);
         L{None} lets twisted.web pick the global one.
     """
-    root = Resource()
+    root = _Root()
     root.putChild(b"stream", StreamResource(provider))
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False

@@ -1,0 +1,278 @@
+"""
+End-to-end tests on loopback with real parts: a tracker on real SQLite,
+agents with real peer sockets and throttled uploads, a viewer streaming
+through its real local HTTP stream server, twisted.web as the HTTP origin, and
+ffprobe reading the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from twisted.web.static import File
+
+from meshstream.agent.service import AgentConfig, AgentService, manifest_path_for
+from meshstream.manifest import Manifest, build_manifest, public_key_text
+from meshstream.tracker.client import TrackerClient
+from meshstream.tracker.service import build_tracker_service, load_or_create_key
+
+reactor: Any = _reactor
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+BLOCK = 256 * 1024
+SUB = 16 * 1024
+
+
+class Mesh:
+    """A tracker, an origin and agents on loopback, all torn down by the test's cleanups."""
+
+    def __init__(self, case: unittest.TestCase) -> None:
+        self.case = case
+        self.root = os.path.abspath(case.mktemp())
+        os.makedirs(self.root)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+        self.tracker_url = ""
+        self.key = ""
+        self.origin_url = ""
+
+    async def start_tracker(self) -> None:
+        key = load_or_create_key(os.path.join(self.root, "tracker.key"))
+        service = build_tracker_service(
+            reactor, [LOOPBACK], f"sqlite:{os.path.join(self.root, 'tracker.sqlite')}", key
+        )
+        service.startService()
+        self.case.addCleanup(service.stopService)
+        await service.ready()
+        (port,) = await service.listening()
+        self.tracker_url = f"http://127.0.0.1:{port.getHost().port}"
+        self.key = public_key_text(key.public_key())
+
+    def start_origin(self, directory: str) -> None:
+        port = reactor.listenTCP(0, Site(File(directory)), interface="127.0.0.1")
+        self.case.addCleanup(port.stopListening)
+        self.origin_url = f"http://127.0.0.1:{port.getHost().port}/"
+
+    async def publish(self, path: str, origin: bool = False) -> Manifest:
+        origins = [self.origin_url + os.path.basename(path)] if origin else []
+        manifest, _ = build_manifest(path, BLOCK, SUB, origins=origins, meta={"mime_type": "video/mp4"})
+        client = TrackerClient(self.http, self.tracker_url, reactor)
+        signed: Manifest = await client.register_manifest(manifest)
+        return signed
+
+    def seed_copy(self, name: str, path: str, manifest: Manifest) -> str:
+        home = os.path.join(self.root, name)
+        os.makedirs(home, exist_ok=True)
+        copy = os.path.join(home, os.path.basename(path))
+        shutil.copyfile(path, copy)
+        with open(manifest_path_for(copy), "wb") as f:
+            f.write(manifest.to_json())
+        return copy
+
+    async def agent(
+        self,
+        name: str,
+        seeds: list[str] | None = None,
+        upload_rate: float | None = None,
+        stream: bool = False,
+    ) -> AgentService:
+        config = AgentConfig(
+            tracker=self.tracker_url,
+            data_dir=os.path.join(self.root, name, "data"),
+            listen=[LOOPBACK],
+            stream=LOOPBACK if stream else None,
+            seeds=seeds or [],
+            node_id=name,
+            upload_rate=upload_rate,
+            tracker_key=self.key,
+        )
+        agent = AgentService(config, reactor)
+        agent.startService()
+        self.case.addCleanup(lambda: agent.stopService() if agent.running else None)
+        await agent.ready
+        return agent
+
+    def stream_url(self, viewer: AgentService, cid: str) -> str:
+        assert viewer.stream_port is not None
+        return f"http://127.0.0.1:{viewer.stream_port.getHost().port}/stream/{cid}"  # type: ignore[attr-defined]
+
+
+def make_file(path: str, size: int) -> bytes:
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+class MeshTests(unittest.TestCase):
+    timeout = 60
+
+    def test_seed_stopped_mid_download(self) -> Deferred[None]:
+        """
+        Three throttled seeds; the fastest is stopped when 40 % has been
+        streamed; the viewer still streams every byte, verified, and the
+        bytes came from all three seeds.
+        """
+        return ensureDeferred(self._seed_stopped())
+
+    async def _seed_stopped(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        src = os.path.join(mesh.root, "content.bin")
+        data = make_file(src, 6 * 1024 * 1024 + 12345)
+        manifest = await mesh.publish(src)
+        cid = manifest.content_id
+        seeds = {}
+        for name, rate in (("seed-a", 1.5), ("seed-b", 2.0), ("seed-c", 4.0)):
+            copy = mesh.seed_copy(name, src, manifest)
+            seeds[name] = await mesh.agent(name, [copy], upload_rate=rate * 2**20)
+        viewer = await mesh.agent("viewer", stream=True)
+
+        got = bytearray()
+        stopped: list[Deferred[Any]] = []
+
+        def collect(chunk: bytes) -> None:
+            got.extend(chunk)
+            if not stopped and len(got) >= 0.4 * len(data):
+                stopped.append(seeds["seed-c"].stopService())
+
+        response = await mesh.http.get(mesh.stream_url(viewer, cid), unbuffered=True)
+        self.assertEqual(response.code, 200)
+        await treq.collect(response, collect)
+        await stopped[0]
+        self.assertEqual(len(got), len(data))
+        self.assertEqual(hashlib.sha256(got).digest(), hashlib.sha256(data).digest())
+        session = viewer.sessions[cid]
+        by_source = session.bytes_by_source
+        self.assertEqual(set(by_source), {"seed-a", "seed-b", "seed-c"})
+        self.assertEqual(sum(by_source.values()), len(data))
+        self.assertLess(by_source["seed-c"], len(data))
+        self.assertNotIn("seed-c", session.peers)
+        # The finished content is now held and announced by the viewer.
+        await session.done
+        self.assertIn(cid, viewer.store.holdings())  # type: ignore[union-attr]
+
+    def test_lying_seed_is_caught(self) -> Deferred[None]:
+        """
+        A seed whose file changed after it was verified sends wrong bytes: the
+        viewer rejects every one, black-lists it, and streams the true content
+        from the honest seeds.
+        """
+        return ensureDeferred(self._liar())
+
+    async def _liar(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        src = os.path.join(mesh.root, "content.bin")
+        data = make_file(src, 3 * 1024 * 1024)
+        manifest = await mesh.publish(src)
+        cid = manifest.content_id
+        for name in ("honest-1", "honest-2"):
+            await mesh.agent(name, [mesh.seed_copy(name, src, manifest)], upload_rate=3 * 2**20)
+        liar_copy = mesh.seed_copy("liar", src, manifest)
+        await mesh.agent("liar", [liar_copy])  # unthrottled: it would win every race
+        with open(liar_copy, "r+b") as f:  # the file changes under the running seed
+            f.write(bytes(b ^ 0xFF for b in data))
+        viewer = await mesh.agent("viewer", stream=True)
+
+        response = await mesh.http.get(mesh.stream_url(viewer, cid))
+        body = await treq.content(response)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(data).digest())
+        session = viewer.sessions[cid]
+        self.assertGreater(session.rejected_bytes, 0)
+        self.assertNotIn("liar", session.bytes_by_source)
+        self.assertTrue(session.blacklist.barred("liar"))
+        # The cache holds exactly the true bytes (read back through the scrambler).
+        entry = viewer.store.cache[cid]  # type: ignore[union-attr]
+        self.assertEqual(entry.read_range(0, len(data)), data)
+        # ...and the file on disk is scrambled, not the plain content.
+        with open(entry.data_path, "rb") as f:
+            self.assertNotEqual(f.read(SUB), data[:SUB])
+
+    def test_origin_fallback_when_no_peer(self) -> Deferred[None]:
+        """No seed at all: the viewer falls back to the origin (twisted.web) by HTTP Range."""
+        return ensureDeferred(self._origin())
+
+    async def _origin(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        origin_dir = os.path.join(mesh.root, "origin")
+        os.makedirs(origin_dir)
+        src = os.path.join(origin_dir, "movie.bin")
+        data = make_file(src, 1024 * 1024 + 777)
+        mesh.start_origin(origin_dir)
+        manifest = await mesh.publish(src, origin=True)
+        viewer = await mesh.agent("viewer", stream=True)
+        response = await mesh.http.get(mesh.stream_url(viewer, manifest.content_id))
+        body = await treq.content(response)
+        self.assertEqual(body, data)
+        self.assertEqual(viewer.sessions[manifest.content_id].bytes_by_source, {"origin": len(data)})
+
+    def test_unknown_content_is_404(self) -> Deferred[None]:
+        return ensureDeferred(self._unknown())
+
+    async def _unknown(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        viewer = await mesh.agent("viewer", stream=True)
+        response = await mesh.http.get(mesh.stream_url(viewer, "ab" * 32))
+        self.assertEqual(response.code, 404)
+        await treq.content(response)
+        response = await mesh.http.get(mesh.stream_url(viewer, "ab" * 32).rsplit("/", 1)[0] + "/../status")
+        await treq.content(response)
+
+
+FFMPEG = shutil.which("ffmpeg")
+FFPROBE = shutil.which("ffprobe")
+
+
+class FFprobeTests(unittest.TestCase):
+    timeout = 60
+    if not (FFMPEG and FFPROBE):
+        skip = "ffmpeg/ffprobe not installed (Debian package ffmpeg)"
+
+    def test_ffprobe_reads_the_stream(self) -> Deferred[None]:
+        """A real media file made by ffmpeg, seeded, streamed to a viewer and read by ffprobe."""
+        return ensureDeferred(self._ffprobe())
+
+    async def _ffprobe(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        src = os.path.join(mesh.root, "clip.mp4")
+        out, err, code = await getProcessOutputAndValue(
+            FFMPEG or "ffmpeg",
+            [
+                "-hide_banner", "-loglevel", "error", "-f", "lavfi",
+                "-i", "testsrc=duration=3:size=320x240:rate=25",
+                "-c:v", "mpeg4", "-q:v", "3", "-movflags", "+faststart", "-y", src,
+            ],
+            env=os.environ,
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        manifest = await mesh.publish(src)
+        await mesh.agent("seed", [mesh.seed_copy("seed", src, manifest)], upload_rate=2 * 2**20)
+        viewer = await mesh.agent("viewer", stream=True)
+        url = mesh.stream_url(viewer, manifest.content_id)
+        out, err, code = await getProcessOutputAndValue(
+            FFPROBE or "ffprobe",
+            ["-v", "error", "-print_format", "json", "-show_format", "-show_streams", url],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, err)
+        probe = json.loads(out)
+        self.assertEqual(probe["streams"][0]["codec_name"], "mpeg4")
+        self.assertEqual((probe["streams"][0]["width"], probe["streams"][0]["height"]), (320, 240))
+        self.assertAlmostEqual(float(probe["format"]["duration"]), 3.0, delta=0.2)
+        await deferLater(reactor, 0, lambda: None)
