@@ -306,12 +306,14 @@ class TrackerAPI:
         body = read_body(request, self.manifest_limit)
         try:
             manifest = Manifest.from_json(body)
+            # Refuse NaN/Infinity (which json accepts) so stored manifests stay strict JSON.
+            json.dumps(manifest.meta, allow_nan=False)
+            signed = manifest.sign(self._key)
+            text = signed.to_json().decode("ascii")
         except ManifestError as e:
             raise ApiError(400, "bad_manifest", str(e)) from None
-        except (RecursionError, TypeError) as e:
+        except (RecursionError, TypeError, ValueError) as e:
             raise ApiError(400, "bad_manifest", f"malformed manifest: {e}") from None
-        signed = manifest.sign(self._key)
-        text = signed.to_json().decode("ascii")
         d = self.store.add_manifest(signed.content_id, text, self.clock.seconds())
 
         def stored(result: tuple[bool, str]) -> Reply:

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 
 from attrs import define, field, frozen
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -235,7 +235,14 @@ class TrackerClient:
             return body.addCallback(self._decode, status, content_id)
 
         d.addCallback(got_response)
-        d.addTimeout(self.timeout, self._clock)
+        def timed_out(result: object, timeout: float) -> Failure:
+            # Whatever the cancelled request failed with (CancelledError,
+            # ResponseNeverReceived, ...), the cause is the timeout.
+            return Failure(
+                TrackerError(f"{method} {url} timed out after {timeout}s", None, "timeout")
+            )
+
+        d.addTimeout(self.timeout, self._clock, onTimeoutCancel=timed_out)
         d.addErrback(self._translate, method, url)
         return d
 
@@ -263,10 +270,6 @@ class TrackerClient:
     def _translate(self, f: Failure, method: str, url: str) -> Failure:
         if f.check(TrackerError, UnknownContent):
             return f
-        if f.check(TimeoutError):
-            return Failure(
-                TrackerError(f"{method} {url} timed out after {self.timeout}s", None, "timeout")
-            )
         if f.check(CancelledError):
             return f
         return Failure(TrackerError(f"{method} {url} failed: {f.getErrorMessage()}"))
