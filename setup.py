@@ -9,5 +9,5 @@ meshstream-tracker`` and ``twistd meshstream-agent`` available.
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["meshstream", "meshstream.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(include=["meshstream", "meshstream.*"]), "twisted.plugins"],
 )

@@ -113,17 +113,13 @@ class TrackerHTTPTests(unittest.TestCase):
 
     # -- helpers -------------------------------------------------------------
 
-    async def request(
-        self, method: str, path: str, body: bytes | None = None
-    ) -> tuple[int, Any, Any]:
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, Any]:
         response = await self.http.request(method, self.base + path, data=body)
         raw = await response.content()
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         return response.code, json.loads(raw), response.headers
 
-    async def assert_error(
-        self, method: str, path: str, body: bytes | None, status: int, code: str
-    ) -> None:
+    async def assert_error(self, method: str, path: str, body: bytes | None, status: int, code: str) -> None:
         got_status, doc, _ = await self.request(method, path, body)
         self.assertEqual((got_status, doc["error"]["code"]), (status, code), doc)
         self.assertEqual(set(doc), {"error"})
@@ -193,12 +189,8 @@ class TrackerHTTPTests(unittest.TestCase):
             "mute": {},  # unknown: last
         }
         for node_id, st_ in announced.items():
-            result = await self.client.announce(
-                node_id, f"10.0.0.{len(node_id)}:7000", [cid, unknown], st_
-            )
-            self.assertEqual(
-                result, {"interval": INTERVAL, "expires_in": INTERVAL * 3, "unknown": [unknown]}
-            )
+            result = await self.client.announce(node_id, f"10.0.0.{len(node_id)}:7000", [cid, unknown], st_)
+            self.assertEqual(result, {"interval": INTERVAL, "expires_in": INTERVAL * 3, "unknown": [unknown]})
         await self.client.announce("elsewhere", "10.9.9.9:1", [other], state(10**9, 0, 0))
         nodes = await self.client.nodes(cid)
         self.assertEqual([n.node_id for n in nodes], ["fast", "calm", "busy", "slow", "mute"])
@@ -280,9 +272,7 @@ class TrackerHTTPTests(unittest.TestCase):
     async def test_unknown_content(self) -> None:
         missing = "cd" * 32
         await self.assert_error("GET", f"/api/v1/manifests/{missing}", None, 404, "unknown_content")
-        await self.assert_error(
-            "GET", f"/api/v1/contents/{missing}/nodes", None, 404, "unknown_content"
-        )
+        await self.assert_error("GET", f"/api/v1/contents/{missing}/nodes", None, 404, "unknown_content")
         with self.assertRaises(UnknownContent):
             await self.client.get_manifest(missing)
         with self.assertRaises(UnknownContent):
@@ -373,9 +363,7 @@ class TrackerHTTPTests(unittest.TestCase):
             return fail(RuntimeError("disk on fire"))
 
         self.patch(self.service.store, "nodes_for", broken)
-        await self.assert_error(
-            "GET", f"/api/v1/contents/{'ab' * 32}/nodes", None, 500, "internal_error"
-        )
+        await self.assert_error("GET", f"/api/v1/contents/{'ab' * 32}/nodes", None, 500, "internal_error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     async def test_client_errors_carry_status_and_code(self) -> None:
@@ -424,8 +412,9 @@ class AnnounceValidatorTests(unittest.SynchronousTestCase):
     @given(
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-            lambda children: st.lists(children, max_size=4)
-            | st.dictionaries(st.text(max_size=8), children, max_size=4),
+            lambda children: (
+                st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+            ),
             max_leaves=12,
         )
     )
@@ -522,9 +511,7 @@ class ServiceTests(unittest.TestCase):
         with open(path, "rb") as f:
             self.assertIn(b"BEGIN PRIVATE KEY", f.read())
         again = load_or_create_key(path)
-        self.assertEqual(
-            again.public_key().public_bytes_raw(), key.public_key().public_bytes_raw()
-        )
+        self.assertEqual(again.public_key().public_bytes_raw(), key.public_key().public_bytes_raw())
 
     def test_bad_key_file(self) -> None:
         path = temp_path(self)

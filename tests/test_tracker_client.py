@@ -83,7 +83,11 @@ class TrackerClientTests(unittest.TestCase):
         self.assertEqual(got.public_bytes_raw(), key.public_key().public_bytes_raw())
 
     def test_public_key_malformed(self) -> None:
-        for body in (b'{"algorithm": "rsa", "public_key": "x"}', b'{"algorithm": "ed25519", "public_key": "!!"}', b"[]"):
+        for body in (
+            b'{"algorithm": "rsa", "public_key": "x"}',
+            b'{"algorithm": "ed25519", "public_key": "!!"}',
+            b"[]",
+        ):
             f = self.failureResultOf(self.client(Canned(200, body)).public_key(), TrackerError)
             self.assertIsNone(f.value.status)
 
@@ -121,9 +125,7 @@ class TrackerClientTests(unittest.TestCase):
     def test_announce(self) -> None:
         answer = {"interval": 30, "expires_in": 90, "unknown": []}
         resource = Canned(200, json.dumps(answer).encode())
-        got = self.successResultOf(
-            self.client(resource).announce("n1", "h:1", ["ab" * 32], {"cpu": 0.5})
-        )
+        got = self.successResultOf(self.client(resource).announce("n1", "h:1", ["ab" * 32], {"cpu": 0.5}))
         self.assertEqual(got, answer)
         ((method, uri, body),) = resource.requests
         self.assertEqual((method, uri), (b"POST", b"/api/v1/announce"))
@@ -141,9 +143,7 @@ class TrackerClientTests(unittest.TestCase):
             "junk",
         ]
         resource = Canned(200, json.dumps({"content_id": "x", "nodes": nodes}).encode())
-        got = self.successResultOf(
-            self.client(resource).nodes("ab" * 32, limit=7, exclude=["me", "you"])
-        )
+        got = self.successResultOf(self.client(resource).nodes("ab" * 32, limit=7, exclude=["me", "you"]))
         self.assertEqual(
             got,
             [
@@ -157,9 +157,7 @@ class TrackerClientTests(unittest.TestCase):
         )
 
     def test_nodes_malformed(self) -> None:
-        self.failureResultOf(
-            self.client(Canned(200, b'{"nodes": 3}')).nodes("ab" * 32), TrackerError
-        )
+        self.failureResultOf(self.client(Canned(200, b'{"nodes": 3}')).nodes("ab" * 32), TrackerError)
 
     def test_leave(self) -> None:
         resource = Canned(200, b"{}")

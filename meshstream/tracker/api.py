@@ -371,9 +371,7 @@ class TrackerAPI:
             if records is None:
                 raise ApiError(404, "unknown_content", f"no content {content_id}")
             chosen = rank_nodes(r for r in records if r.node_id not in exclude)[:limit]
-            return Reply(
-                200, {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]}
-            )
+            return Reply(200, {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]})
 
         return d.addCallback(ranked)
 
@@ -419,9 +417,7 @@ def find_route(method: bytes, path: Sequence[str]) -> tuple[Route, list[str]]:
         allowed.append(route.method.decode("ascii"))
     if allowed:
         methods = ", ".join(sorted(set(allowed)))
-        raise ApiError(
-            405, "method_not_allowed", f"use {methods} here", headers={"Allow": methods}
-        )
+        raise ApiError(405, "method_not_allowed", f"use {methods} here", headers={"Allow": methods})
     raise ApiError(404, "not_found", "no such resource")
 
 
@@ -527,9 +523,7 @@ class TrackerResource(Resource):
             e = f.value
             assert isinstance(e, ApiError)
             return e.status, e.headers, error_body(e.code, e.message)
-        log.failure(
-            "Unhandled error in {method} {uri}", f, method=request.method, uri=request.uri
-        )
+        log.failure("Unhandled error in {method} {uri}", f, method=request.method, uri=request.uri)
         return 500, {}, error_body("internal_error", "the tracker failed to answer")
 
     def _write(

@@ -235,12 +235,11 @@ class TrackerClient:
             return body.addCallback(self._decode, status, content_id)
 
         d.addCallback(got_response)
+
         def timed_out(result: object, timeout: float) -> Failure:
             # Whatever the cancelled request failed with (CancelledError,
             # ResponseNeverReceived, ...), the cause is the timeout.
-            return Failure(
-                TrackerError(f"{method} {url} timed out after {timeout}s", None, "timeout")
-            )
+            return Failure(TrackerError(f"{method} {url} timed out after {timeout}s", None, "timeout"))
 
         d.addTimeout(self.timeout, self._clock, onTimeoutCancel=timed_out)
         d.addErrback(self._translate, method, url)

@@ -135,9 +135,7 @@ class _SQL:
         " FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
         " WHERE h.content_id = ? AND n.last_seen >= ?"
     )
-    purge_holdings = (
-        "DELETE FROM holdings WHERE node_id IN (SELECT node_id FROM nodes WHERE last_seen < ?)"
-    )
+    purge_holdings = "DELETE FROM holdings WHERE node_id IN (SELECT node_id FROM nodes WHERE last_seen < ?)"
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ?"
     count_nodes = "SELECT COUNT(*) FROM nodes"
 
@@ -244,9 +242,7 @@ class TrackerStore:
         row = txn.fetchone()
         version = row[0] if row and row[0] is not None else 0
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"database schema {version} is newer than this tracker ({SCHEMA_VERSION})"
-            )
+            raise StoreError(f"database schema {version} is newer than this tracker ({SCHEMA_VERSION})")
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _SQL.migrations[step]:
                 txn.execute(self._q(statement))
