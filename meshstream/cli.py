@@ -83,6 +83,7 @@ def publish(args: argparse.Namespace) -> int:
         from twisted.internet import task
 
         result: list[Manifest] = []
+        errors: list[str] = []
 
         def register(reactor: Any) -> Any:
             import treq
@@ -90,14 +91,18 @@ def publish(args: argparse.Namespace) -> int:
             from meshstream.tracker.client import TrackerClient
 
             client = TrackerClient(treq, args.tracker, reactor)
-            return client.register_manifest(manifest).addCallback(result.append)
+            d = client.register_manifest(manifest)
+            d.addCallbacks(result.append, lambda f: errors.append(f.getErrorMessage()))
+            return d
 
         try:
-            task.react(lambda reactor: register(reactor))
-        except SystemExit as e:
-            if e.code:
-                print("meshstream publish: registering with the tracker failed", file=sys.stderr)
-                return 1
+            task.react(register)
+        except SystemExit:
+            pass
+        if not result:
+            why = errors[0] if errors else "no answer"
+            print(f"meshstream publish: registering with the tracker failed: {why}", file=sys.stderr)
+            return 1
         manifest = result[0]
     out = args.output or path + ".manifest.json"
     with open(out, "wb") as f:

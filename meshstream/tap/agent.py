@@ -100,4 +100,14 @@ def makeService(options: Options) -> IService:
 
     from meshstream.agent.service import AgentService
 
-    return AgentService(config_from_options(options), reactor)
+    service = AgentService(config_from_options(options), reactor)
+
+    def give_up(_failure: object) -> None:
+        # The failure is logged by the service; a daemon that cannot start
+        # (tracker unreachable, bad seed, port taken) exits so that its
+        # supervisor restarts it, rather than idling half-started.
+        if reactor.running:
+            reactor.stop()
+
+    service.ready.addErrback(give_up)
+    return service

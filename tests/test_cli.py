@@ -1,0 +1,76 @@
+"""``meshstream publish``: with and without a tracker."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from meshstream import cli
+from meshstream.manifest import Manifest
+from meshstream.tracker.service import build_tracker_service, load_or_create_key
+
+reactor = _reactor
+
+
+class PublishTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "clip.mp4")
+        with open(self.path, "wb") as f:
+            f.write(os.urandom(300_000))
+
+    def test_without_tracker_writes_unsigned_manifest(self) -> None:
+        out = os.path.join(self.dir, "m.json")
+        code = cli.main(["publish", self.path, "-o", out, "--block-size", "64K", "--sub-block-size", "16K"])
+        self.assertEqual(code, 0)
+        with open(out, "rb") as f:
+            manifest = Manifest.from_json(f.read())
+        self.assertIsNone(manifest.signature)
+        self.assertEqual((manifest.size, manifest.block_size, manifest.num_blocks), (300_000, 65536, 5))
+        self.assertEqual(manifest.meta["mime_type"], "video/mp4")
+        self.assertEqual(manifest.name, "clip.mp4")
+
+    def test_default_output_beside_file(self) -> None:
+        self.assertEqual(cli.main(["publish", self.path, "--origin", "http://o/clip.mp4"]), 0)
+        with open(self.path + ".manifest.json", "rb") as f:
+            self.assertEqual(Manifest.from_json(f.read()).origins, ("http://o/clip.mp4",))
+
+    def test_errors(self) -> None:
+        self.assertEqual(cli.main(["publish", os.path.join(self.dir, "missing")]), 2)
+        self.assertEqual(cli.main(["publish", self.path, "--block-size", "1000"]), 2)
+        self.assertEqual(cli.main(["publish", self.path, "--origin", "ftp://x"]), 2)
+
+    def test_with_tracker_signs(self) -> Deferred[None]:
+        return ensureDeferred(self._with_tracker())
+
+    async def _with_tracker(self) -> None:
+        key = load_or_create_key(os.path.join(self.dir, "t.key"))
+        service = build_tracker_service(
+            reactor, ["tcp:0:interface=127.0.0.1"], f"sqlite:{self.dir}/t.sqlite", key
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        (port,) = await service.listening()
+        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "meshstream.cli", "publish", self.path, "--tracker", url], env=os.environ
+        )
+        self.assertEqual(code, 0, err)
+        with open(self.path + ".manifest.json", "rb") as f:
+            manifest = Manifest.from_json(f.read())
+        manifest.verify(key.public_key())
+        self.assertIn(manifest.content_id.encode(), out)
+        # An unreachable tracker: a clear failure, exit code 1.
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "meshstream.cli", "publish", self.path, "--tracker", "http://127.0.0.1:9"],
+            env=os.environ,
+        )
+        self.assertEqual(code, 1)
+        self.assertIn(b"registering with the tracker failed", err)
