@@ -3,7 +3,7 @@
 The C{meshstream} command.
 
     meshstream publish FILE [--tracker URL] [--origin URL]... [-o MANIFEST]
-    meshstream demo [--file FILE] [--size MIB] [--rates 2M,4M,8M]
+    meshstream demo [--file FILE] [--size 32M] [--rates 2M,4M,8M] [--kill-at 0.5]
 
 Both run the reactor themselves (L{twisted.internet.task.react}); this is an
 entry point, like the taps, so it may read the global reactor.

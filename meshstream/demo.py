@@ -252,7 +252,7 @@ async def _demo(
         await _wait_for(reactor, daemons, "the seeds to announce", seeds_listed)
         print(
             f"  {len(names)} seeding agents up: "
-            + ", ".join(f"{n} at {r}B/s" for n, r in zip(names, rates, strict=True))
+            + ", ".join(f"{n} at {r}iB/s" for n, r in zip(names, rates, strict=True))
         )
 
         # 4. The viewer: streams through its local stream server.
@@ -280,7 +280,9 @@ async def _demo(
         started = time.monotonic()
         killed: list[str] = []
         shown = [0.0]
-        fastest = names[-1]
+        from meshstream.tap.agent import parse_rate
+
+        fastest = max(zip(names, rates, strict=True), key=lambda nr: parse_rate(nr[1]))[0]
 
         def collect(data: bytes) -> None:
             nonlocal got

@@ -268,7 +268,7 @@ class AgentService(Service):
 
     def node_state(self) -> dict[str, Any]:
         now = self.clock.seconds()
-        sent = sum(p.bytes_sent for p in self.peer_factory.connections) if self.peer_factory else 0
+        sent = self.peer_factory.bytes_sent if self.peer_factory else 0
         if now > self._last_sent_at and sent >= self._last_sent:
             self._upload_bps = (sent - self._last_sent) / (now - self._last_sent_at)
         self._last_sent, self._last_sent_at = sent, now

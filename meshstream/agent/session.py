@@ -360,9 +360,11 @@ class DownloadSession:
         for s in subs:
             self._run(self.scheduler.failed(node.node_id, msg.block, s, strike=False))
         if msg.code in (F.RejectCode.UNKNOWN_CONTENT, F.RejectCode.NOT_HELD):
-            self._drop(node.node_id, f"rejected: {msg.reason}")
+            # It was listed as holding the content but does not (or cannot
+            # read it now): use others, and retry it after a back-off.
+            self._drop(node.node_id, f"rejected: {msg.reason}", F.ByeCode.NORMAL)
 
-    def _drop(self, nid: str, reason: str) -> None:
+    def _drop(self, nid: str, reason: str, code: int = F.ByeCode.PROTOCOL_ERROR) -> None:
         if nid == ORIGIN:
             self._fail(DownloadFailed(f"the origin failed too: {reason}"))
             return
@@ -370,7 +372,7 @@ class DownloadSession:
         peer = self.peers.get(nid)
         self.log.info("Dropping {node}: {reason}", node=nid, reason=reason)
         if peer is not None:
-            peer.bye(F.ByeCode.PROTOCOL_ERROR, reason)
+            peer.bye(code, reason)
         elif nid in self.scheduler.sources:
             self._run(self.scheduler.remove_source(nid))
 

@@ -279,7 +279,11 @@ class Scheduler:
         return out
 
     def stall_timeout(self, src: SourceState) -> float:
-        """Time without a byte after which C{src} is stalled: 4 sub blocks' worth at its rate."""
+        """
+        Time without a verified sub block after which C{src} is stalled: four
+        times what its full pipeline should take at its estimated rate, and
+        never under L{MIN_STALL_TIMEOUT}.
+        """
         expected = src.rtt + self.g.sub_block_size / max(src.speed, 1.0)
         return max(MIN_STALL_TIMEOUT, 4 * expected * self.pipeline)
 

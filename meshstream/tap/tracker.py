@@ -67,7 +67,7 @@ def makeService(options: Options) -> IService:
     from meshstream.tracker.service import build_tracker_service, load_or_create_key
 
     key = load_or_create_key(options["key"])
-    return build_tracker_service(
+    service = build_tracker_service(
         reactor,
         options["listen"],
         options["db"],
@@ -75,3 +75,12 @@ def makeService(options: Options) -> IService:
         announce_interval=options["announce-interval"],
         expire_after=options["expire-after"],
     )
+
+    def give_up(_failure: object) -> None:
+        # The store logged why it cannot open; a tracker without its
+        # database exits so that its supervisor can restart it.
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: service.ready().addErrback(give_up))
+    return service

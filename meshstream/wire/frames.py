@@ -200,7 +200,8 @@ Message = Hello | Have | Request | Data | Cancel | Reject | Hashes | Ping | Pong
 
 
 def _str(s: str, fmt: struct.Struct, limit: int) -> bytes:
-    raw = s.encode("utf-8")[:limit]
+    # Cut to the limit without splitting a character.
+    raw = s.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
     return fmt.pack(len(raw)) + raw
 
 

@@ -221,6 +221,17 @@ class PeerProtocol(Protocol):
 
     def _dispatch(self, msg: F.Message) -> None:
         if self.version is None:
+            if isinstance(msg, F.Bye):
+                # Refused before the handshake (busy, unauthorized, version).
+                self.log.info(
+                    "Peer {peer} said BYE before HELLO ({code}): {reason}",
+                    peer=self._peer_name(),
+                    code=msg.code,
+                    reason=msg.reason,
+                )
+                self._closing = True
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
             if not isinstance(msg, F.Hello):
                 raise F.ProtocolError(f"expected HELLO, got {type(msg).__name__}")
             self._hello(msg)
@@ -382,6 +393,7 @@ class PeerFactory(Factory):
         self.max_peers = max_peers
         self.max_frame = max_frame
         self.connections: set[PeerProtocol] = set()
+        self._closed_bytes_sent = 0
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         proto = PeerProtocol(
@@ -403,7 +415,14 @@ class PeerFactory(Factory):
         return True
 
     def release(self, proto: PeerProtocol) -> None:
-        self.connections.discard(proto)
+        if proto in self.connections:
+            self.connections.discard(proto)
+            self._closed_bytes_sent += proto.bytes_sent
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent to peers since start, closed connections included."""
+        return self._closed_bytes_sent + sum(p.bytes_sent for p in self.connections)
 
     def close_all(self) -> None:
         for proto in list(self.connections):
