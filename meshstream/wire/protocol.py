@@ -220,18 +220,18 @@ class PeerProtocol(Protocol):
             self.bye(F.ByeCode.PROTOCOL_ERROR, str(e))
 
     def _dispatch(self, msg: F.Message) -> None:
+        if isinstance(msg, F.Bye):
+            # Also valid before HELLO: a refusal (busy, unauthorized, version).
+            self.log.info(
+                "Peer {peer} said BYE ({code}): {reason}",
+                peer=self._peer_name(),
+                code=msg.code,
+                reason=msg.reason,
+            )
+            self._closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
         if self.version is None:
-            if isinstance(msg, F.Bye):
-                # Refused before the handshake (busy, unauthorized, version).
-                self.log.info(
-                    "Peer {peer} said BYE before HELLO ({code}): {reason}",
-                    peer=self._peer_name(),
-                    code=msg.code,
-                    reason=msg.reason,
-                )
-                self._closing = True
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                return
             if not isinstance(msg, F.Hello):
                 raise F.ProtocolError(f"expected HELLO, got {type(msg).__name__}")
             self._hello(msg)
@@ -247,15 +247,6 @@ class PeerProtocol(Protocol):
             sent = self._pings.pop(msg.nonce, None)
             if sent is not None and self.listener is not None:
                 self.listener.rtt_measured(self, self.clock.seconds() - sent)
-        elif isinstance(msg, F.Bye):
-            self.log.info(
-                "Peer {peer} said BYE ({code}): {reason}",
-                peer=self._peer_name(),
-                code=msg.code,
-                reason=msg.reason,
-            )
-            self._closing = True
-            self.transport.loseConnection()  # type: ignore[union-attr]
         elif isinstance(msg, F.Hello):
             raise F.ProtocolError("second HELLO")
         elif self.listener is None:
