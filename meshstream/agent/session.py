@@ -110,7 +110,7 @@ class _PeerLink:
         self.session.scheduler.rtt_measured(self.node.node_id, rtt)
 
     def peer_lost(self, peer: PeerProtocol, reason: str) -> None:
-        self.session._peer_lost(self.node, reason)
+        self.session._peer_lost(self.node, peer, reason)
 
 
 ORIGIN = "origin"
@@ -284,16 +284,19 @@ class DownloadSession:
         if self._stopped:
             peer.bye(F.ByeCode.NORMAL, "download complete")
             return
+        if node.node_id in self.peers:
+            peer.bye(F.ByeCode.NORMAL, "already connected")
+            return
         self.peers[node.node_id] = peer
         self._no_peer_since = None
         peer.ping()
         self._run(self.scheduler.add_source(node.node_id, hint_rate(node.state)))
 
-    def _peer_lost(self, node: NodeLike, reason: str) -> None:
+    def _peer_lost(self, node: NodeLike, peer: PeerProtocol, reason: str) -> None:
         nid = node.node_id
-        self._connecting.discard(nid)
-        if self.peers.pop(nid, None) is None:
-            return
+        if self.peers.get(nid) is not peer:
+            return  # never became our peer (a failed connect is _connect_failed's)
+        del self.peers[nid]
         if not self._stopped:
             if nid in self.scheduler.sources and not self.scheduler.sources[nid].idle():
                 self.blacklist.add(nid)
@@ -339,15 +342,16 @@ class DownloadSession:
         self._accept(nid, msg.block, msg.sub, msg.data)
 
     def _accept(self, source: str, block: int, sub: int, data: bytes) -> None:
-        """Store a verified sub block and tell the scheduler."""
-        if not self.entry.has_sub(block, sub):
-            try:
-                self.entry.write(block, sub, data, self.leaves[block])
-            except StoreError as e:
-                self.log.error("Cache write failed: {error}", error=str(e))
-                self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
-                return
-        self.bytes_by_source[source] = self.bytes_by_source.get(source, 0) + len(data)
+        """Store a verified sub block and tell the scheduler (which counts a late copy as duplicated)."""
+        if not self.scheduler.is_done(block, sub):
+            if not self.entry.has_sub(block, sub):
+                try:
+                    self.entry.write(block, sub, data, self.leaves[block])
+                except StoreError as e:
+                    self.log.error("Cache write failed: {error}", error=str(e))
+                    self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
+                    return
+            self.bytes_by_source[source] = self.bytes_by_source.get(source, 0) + len(data)
         self._run(self.scheduler.received(source, block, sub, len(data)))
 
     def _rejected(self, node: NodeLike, msg: F.Reject) -> None:

@@ -41,6 +41,7 @@ commands) are the ones the full scheduler keeps.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Hashable, Iterable
 
@@ -172,6 +173,9 @@ class Scheduler:
 
     def add_source(self, key: Hashable, hint: float | None = None, costly: bool = False) -> list[Command]:
         now = self.clock.seconds()
+        old = self.sources.get(key)
+        if old is not None:  # a reconnect under the same key: its old work goes back
+            self._give_back(old)
         self.sources[key] = SourceState(
             key, hint if hint and hint > 0 else DEFAULT_HINT_RATE, costly, last_progress=now
         )
@@ -379,10 +383,19 @@ class Scheduler:
         for s in usable:
             if s is f or not s.inflight or s.speed * ENDGAME_FACTOR > f.speed:
                 continue
-            for sid, sent in s.inflight.items():
+            # A source serves its requests in order: the k-th one in flight
+            # is due k + 1 sub block times after the source began the first.
+            per_sub = self.g.sub_block_size / max(s.speed, 1.0)
+            ordered = sorted(s.inflight.items(), key=lambda item: item[1])
+            base = max(s.busy_since if s.busy_since is not None else now, ordered[0][1] + s.rtt)
+            for k, (sid, _sent) in enumerate(ordered):
                 if any(sid in o.inflight for o in usable if o is not s):
                     continue
-                eta = sent + s.rtt + self.g.sub_block_size / max(s.speed, 1.0) * len(s.inflight)
+                eta = base + (k + 1) * per_sub
+                if eta + 2 * per_sub <= now:
+                    # Well overdue: the estimate was wrong (an unmeasured
+                    # hint, a stall in the making): the best one to duplicate.
+                    eta = math.inf
                 if best is None or eta > best[0]:
                     best = (eta, s, sid)
         if best is not None and best[0] - now > f.rtt + self.g.sub_block_size / max(f.speed, 1.0):
@@ -410,4 +423,5 @@ class Scheduler:
         if self.finished:
             return
         if not self.sources and (self._pool or self._missing):
-            out.append(NeedSources("no source left"))
+            if not any(isinstance(c, NeedSources) for c in out):
+                out.append(NeedSources("no source left"))

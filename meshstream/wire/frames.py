@@ -106,6 +106,27 @@ def _check_subs(value: tuple[int, ...]) -> tuple[int, ...]:
     return value
 
 
+def _check_u16(value: int) -> int:
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError("version out of range")
+    return value
+
+
+def _check_ranges(value: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    if len(value) > MAX_HAVE_RANGES:
+        raise ValueError("too many ranges")
+    for a, b in value:
+        if not 0 <= a <= b <= 0xFFFFFFFF:
+            raise ValueError("a range is (first, end) with first <= end")
+    return value
+
+
+def _check_leaves(value: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    if len(value) > MAX_SUBS or any(len(leaf) != LEAF_SIZE for leaf in value):
+        raise ValueError(f"at most {MAX_SUBS} leaves of {LEAF_SIZE} bytes")
+    return value
+
+
 def _check_u32(value: int) -> int:
     if not 0 <= value <= 0xFFFFFFFF:
         raise ValueError("block index out of range")
@@ -116,8 +137,8 @@ def _check_u32(value: int) -> int:
 class Hello:
     TYPE: ClassVar[int] = 1
     node_id: str
-    min_version: int = MIN_PROTOCOL_VERSION
-    max_version: int = PROTOCOL_VERSION
+    min_version: int = field(default=MIN_PROTOCOL_VERSION, validator=lambda _i, _a, v: _check_u16(v))
+    max_version: int = field(default=PROTOCOL_VERSION, validator=lambda _i, _a, v: _check_u16(v))
     ticket: bytes = b""
 
 
@@ -125,7 +146,7 @@ class Hello:
 class Have:
     TYPE: ClassVar[int] = 2
     content_id: bytes = field(validator=lambda _i, _a, v: _check_cid(v))
-    ranges: tuple[tuple[int, int], ...]
+    ranges: tuple[tuple[int, int], ...] = field(validator=lambda _i, _a, v: _check_ranges(v))
 
 
 @frozen
@@ -168,7 +189,7 @@ class Hashes:
     TYPE: ClassVar[int] = 7
     content_id: bytes
     block: int
-    leaves: tuple[bytes, ...]
+    leaves: tuple[bytes, ...] = field(validator=lambda _i, _a, v: _check_leaves(v))
 
 
 @frozen
@@ -464,4 +485,7 @@ class FrameDecoder:
 
     @staticmethod
     def _parse(frame: memoryview) -> Message:
-        return decode_payload(frame[4], frame[5:])
+        try:
+            return decode_payload(frame[4], frame[5:])
+        except ValueError as e:  # a field the message's own checks refuse
+            raise ProtocolError(str(e)) from None
