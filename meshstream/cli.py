@@ -3,6 +3,7 @@
 The C{meshstream} command.
 
     meshstream publish FILE [--tracker URL] [--origin URL]... [-o MANIFEST]
+    meshstream fetch (CONTENT_ID | --manifest FILE) [--source URL]... [--tracker URL] -o OUT
     meshstream demo [--file FILE] [--size 32M] [--rates 2M,4M,8M] [--kill-at 0.5]
 
 Both run the reactor themselves (L{twisted.internet.task.react}); this is an
@@ -49,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE)
     pub.add_argument("--sub-block-size", type=_size, default=DEFAULT_SUB_BLOCK_SIZE)
     pub.add_argument("--name", help="content name (default: the file's name)")
+
+    fetch = sub.add_parser("fetch", help="download a content from peers and HTTP sources into a file")
+    from meshstream.fetch import add_arguments
+
+    add_arguments(fetch)
 
     demo = sub.add_parser("demo", help="run a tracker, an origin and agents on loopback and stream a file")
     demo.add_argument("--file", help="file to stream (default: a generated one)")
@@ -116,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "publish":
         return publish(args)
+    if args.command == "fetch":
+        from meshstream.fetch import run_fetch
+
+        return run_fetch(args)
     if args.command == "demo":
         from meshstream.demo import run_demo
 

@@ -16,7 +16,7 @@ cache sees a byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Protocol
 
 from attrs import define, field
@@ -26,10 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meshstream.agent.store import CacheEntry, StoreError, check_sub
+from meshstream.agent.store import StoreError, check_sub
 from meshstream.errors import DownloadFailed
 from meshstream.interfaces import IStreamSource
-from meshstream.manifest import leaf_hash, root_hash
+from meshstream.manifest import Manifest, leaf_hash, root_hash
 from meshstream.scheduler import core as sched
 from meshstream.wire import frames as F
 from meshstream.wire.protocol import IPeerListener, PeerProtocol
@@ -38,6 +38,27 @@ TICK = 1.0
 PING_EVERY = 2.0
 TRACKER_RETRY = 3.0
 ORIGIN_GRACE = 6.0
+#: Sub blocks outstanding per HTTP source: one Range request carries a run of them.
+HTTP_PIPELINE = 16
+
+
+class BlockSink(Protocol):
+    """
+    Where a session puts verified sub blocks: the scrambled cache
+    (L{meshstream.agent.store.CacheEntry}) or a plain output file
+    (L{meshstream.fetch.OutputFile}).
+    """
+
+    manifest: Manifest
+    leaves: dict[int, list[bytes]]
+
+    def has_sub(self, block: int, sub: int) -> bool: ...
+
+    def held_subs(self) -> Iterator[tuple[int, int]]: ...
+
+    def write(self, block: int, sub: int, data: bytes, leaves: list[bytes]) -> bool: ...
+
+    def read_range(self, offset: int, length: int) -> bytes: ...
 
 
 class NodeLike(Protocol):
@@ -113,16 +134,13 @@ class _PeerLink:
         self.session._peer_lost(self.node, peer, reason)
 
 
-ORIGIN = "origin"
-
-
 @implementer(IStreamSource)
 class DownloadSession:
     log = Logger()
 
     def __init__(
         self,
-        entry: CacheEntry,
+        entry: BlockSink,
         clock: IReactorTime,
         find_nodes: Callable[[], Deferred[list[Any]]],
         connect: Connector,
@@ -131,6 +149,10 @@ class DownloadSession:
         pipeline: int = sched.DEFAULT_PIPELINE,
         window: int = sched.DEFAULT_WINDOW,
         on_complete: Callable[[DownloadSession], None] | None = None,
+        http_sources: Sequence[str] = (),
+        policy: str = "adaptive",
+        on_block: Callable[[int], None] | None = None,
+        origin_grace: float = ORIGIN_GRACE,
     ) -> None:
         self.entry = entry
         self.manifest = entry.manifest
@@ -144,13 +166,28 @@ class DownloadSession:
         self._fetch_range = fetch_range
         self.max_peers = max_peers
         self._on_complete = on_complete
+        self._on_block = on_block
+        self.origin_grace = origin_grace
         self._cid = bytes.fromhex(self.content_id)
         self.scheduler = sched.Scheduler(
-            self.manifest.geometry, clock, pipeline=pipeline, window=window, have=entry.held_subs()
+            self.manifest.geometry,
+            clock,
+            pipeline=pipeline,
+            window=window,
+            have=entry.held_subs(),
+            policy=policy,
         )
         self.blacklist = BlackList(clock)
         self.leaves: dict[int, list[bytes]] = dict(entry.leaves)
         self.peers: dict[str, PeerProtocol] = {}
+        #: HTTP sources by key: mirrors (cheap, used like peers) and the
+        #: manifest's origins (costly: only when nothing else is left).
+        self.http: dict[str, str] = {}
+        self._mirrors = list(http_sources)
+        self._origins = {
+            ("origin" if i == 0 else f"origin-{i}"): url for i, url in enumerate(self.manifest.origins)
+        }
+        self._parked: dict[int, dict[int, tuple[str, bytes]]] = {}
         self._connecting: set[str] = set()
         self._candidates: list[NodeLike] = []
         self.bytes_by_source: dict[str, int] = {}
@@ -172,6 +209,11 @@ class DownloadSession:
         self._run(self.scheduler.start())
         if self.scheduler.finished:
             return
+        if self._mirrors and self._fetch_range is None:
+            raise ValueError("HTTP sources need a fetch_range")
+        for url in self._mirrors:
+            self.http[url] = url
+            self._run(self.scheduler.add_source(url, pipeline=HTTP_PIPELINE))
         self._refresh_nodes()
         self._tick_call = self.clock.callLater(TICK, self._tick)
 
@@ -322,37 +364,81 @@ class DownloadSession:
             self._drop(node.node_id, "wrong hash list")
             return
         self.leaves[msg.block] = leaves
+        if msg.block in self._parked:
+            self._release_parked(msg.block)
 
     def _data(self, node: NodeLike, msg: F.Data) -> None:
         nid = node.node_id
         if msg.content_id != self._cid or not 0 <= msg.block < self.manifest.num_blocks:
             self._drop(nid, "data for something we did not ask")
             return
-        leaves = self.leaves.get(msg.block)
-        if leaves is None or not check_sub(leaves, msg.sub, msg.data):
+        if msg.block not in self.leaves:
+            # A peer must send the block's hash list before its first sub block.
             self.rejected_bytes += len(msg.data)
-            self.log.warn(
-                "Sub block {block}/{sub} from {node} failed verification",
-                block=msg.block,
-                sub=msg.sub,
-                node=nid,
-            )
             self._run(self.scheduler.failed(nid, msg.block, msg.sub))
             return
-        self._accept(nid, msg.block, msg.sub, msg.data)
+        self._verified_or_not(nid, msg.block, msg.sub, msg.data)
 
-    def _accept(self, source: str, block: int, sub: int, data: bytes) -> None:
+    def _verified_or_not(self, source: str, block: int, sub: int, data: bytes) -> None:
+        if check_sub(self.leaves[block], sub, data):
+            self._accept(source, block, sub, data)
+            return
+        self.rejected_bytes += len(data)
+        self.log.warn(
+            "Sub block {block}/{sub} from {source} failed verification", block=block, sub=sub, source=source
+        )
+        self._run(self.scheduler.failed(source, block, sub))
+
+    def _accept(self, source: str, block: int, sub: int, data: bytes, parked: bool = False) -> None:
         """Store a verified sub block and tell the scheduler (which counts a late copy as duplicated)."""
         if not self.scheduler.is_done(block, sub):
             if not self.entry.has_sub(block, sub):
                 try:
                     self.entry.write(block, sub, data, self.leaves[block])
                 except StoreError as e:
-                    self.log.error("Cache write failed: {error}", error=str(e))
+                    self.log.error("Write failed: {error}", error=str(e))
                     self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
                     return
             self.bytes_by_source[source] = self.bytes_by_source.get(source, 0) + len(data)
-        self._run(self.scheduler.received(source, block, sub, len(data)))
+        if parked:
+            self._run(self.scheduler.confirm(block, sub, len(data)))
+        else:
+            self._run(self.scheduler.received(source, block, sub, len(data)))
+
+    def _park(self, source: str, block: int, sub: int, data: bytes) -> None:
+        """
+        Hold an HTTP-fetched sub block of a block whose leaves are unknown
+        until the whole block is here and can be checked against its root.
+        """
+        self._parked.setdefault(block, {})[sub] = (source, data)
+        self._run(self.scheduler.arrived(source, block, sub, len(data)))
+        parked = self._parked.get(block, {})
+        g = self.manifest.geometry
+        if len(parked) < g.subs_in_block(block) or block in self.leaves:
+            return
+        leaves = [leaf_hash(parked[i][1]) for i in range(g.subs_in_block(block))]
+        if root_hash(leaves) == self.manifest.block_roots[block]:
+            self.leaves[block] = leaves
+            self._release_parked(block)
+            return
+        # Some source sent wrong bytes, but without leaves we cannot tell which:
+        # fetch the whole block again and strike every source that took part.
+        del self._parked[block]
+        self.rejected_bytes += sum(len(d) for _, d in parked.values())
+        self.log.warn("Block {block} from HTTP sources does not match its root", block=block)
+        for sub in sorted(parked):
+            self._run(self.scheduler.discard(block, sub, strike=False))
+        for source in sorted({src for src, _d in parked.values()}):
+            self._run(self.scheduler.strike(source))
+
+    def _release_parked(self, block: int) -> None:
+        """The block's leaves are known now: check each parked sub block against its own."""
+        for sub, (source, data) in sorted(self._parked.pop(block, {}).items()):
+            if check_sub(self.leaves[block], sub, data):
+                self._accept(source, block, sub, data, parked=True)
+            else:
+                self.rejected_bytes += len(data)
+                self._run(self.scheduler.discard(block, sub, strike=True))
 
     def _rejected(self, node: NodeLike, msg: F.Reject) -> None:
         if msg.content_id != self._cid:
@@ -369,8 +455,13 @@ class DownloadSession:
             self._drop(node.node_id, f"rejected: {msg.reason}", F.ByeCode.NORMAL)
 
     def _drop(self, nid: str, reason: str, code: int = F.ByeCode.PROTOCOL_ERROR) -> None:
-        if nid == ORIGIN:
-            self._fail(DownloadFailed(f"the origin failed too: {reason}"))
+        if nid in self.http:
+            del self.http[nid]
+            self.log.info("Dropping HTTP source {key}: {reason}", key=nid, reason=reason)
+            if nid in self._origins and not any(k in self.http for k in self._origins):
+                self._fail(DownloadFailed(f"the origin failed too: {reason}"))
+            elif nid in self.scheduler.sources:
+                self._run(self.scheduler.remove_source(nid))
             return
         self.blacklist.add(nid)
         peer = self.peers.get(nid)
@@ -380,71 +471,80 @@ class DownloadSession:
         elif nid in self.scheduler.sources:
             self._run(self.scheduler.remove_source(nid))
 
-    # -- origin ----------------------------------------------------------
+    # -- HTTP sources ----------------------------------------------------
 
-    def _origin_request(self, block: int, subs: tuple[int, ...]) -> None:
+    def _http_request(self, key: str, block: int, subs: tuple[int, ...]) -> None:
+        """One Range request per contiguous run of the requested sub blocks."""
         fetch = self._fetch_range
-        origins = self.manifest.origins
-        assert fetch is not None and origins
+        assert fetch is not None
         g = self.manifest.geometry
-        if block in self.leaves:
-            first, last = min(subs), max(subs)
-        else:
-            first, last = 0, g.subs_in_block(block) - 1  # a whole block: checked against its root
-        start = g.sub_offset(block, first)
-        end = g.sub_offset(block, last) + g.sub_length(block, last) - 1
-        d = fetch(origins[0], start, end)
-
-        def got(data: bytes) -> None:
-            if self._stopped:
-                return
-            if block not in self.leaves:
-                leaves = [
-                    leaf_hash(data[i * g.sub_block_size : i * g.sub_block_size + g.sub_length(block, i)])
-                    for i in range(g.subs_in_block(block))
-                ]
-                if root_hash(leaves) != self.manifest.block_roots[block]:
-                    raise ValueError("origin block does not match the manifest")
-                self.leaves[block] = leaves
-            for s in range(first, last + 1):
-                off = (s - first) * g.sub_block_size
-                piece = data[off : off + g.sub_length(block, s)]
-                if s in subs or not self.entry.has_sub(block, s):
-                    if not check_sub(self.leaves[block], s, piece):
-                        raise ValueError(f"origin sub block {block}/{s} fails verification")
-                    if self.scheduler.is_done(block, s):
-                        continue
-                    self._accept(ORIGIN, block, s, piece)
-
-        def failed(f: Failure) -> None:
-            if self._stopped:
-                return
-            self.log.warn(
-                "Origin fetch of block {block} failed: {error}", block=block, error=f.getErrorMessage()
+        runs: list[list[int]] = []
+        for s_ in sorted(subs):
+            if runs and runs[-1][-1] == s_ - 1:
+                runs[-1].append(s_)
+            else:
+                runs.append([s_])
+        for run in runs:
+            first, last = run[0], run[-1]
+            start = g.sub_offset(block, first)
+            end = g.sub_offset(block, last) + g.sub_length(block, last) - 1
+            d = fetch(self.http[key], start, end)
+            d.addCallbacks(
+                self._http_got,
+                self._http_failed,
+                callbackArgs=(key, block, run),
+                errbackArgs=(key, block, run),
             )
-            for s in subs:
-                self._run(self.scheduler.failed(ORIGIN, block, s))
 
-        d.addCallback(got)
-        d.addErrback(failed)
+    def _http_got(self, data: bytes, key: str, block: int, run: list[int]) -> None:
+        if self._stopped or key not in self.http:
+            return
+        g = self.manifest.geometry
+        offset = 0
+        for sub in run:
+            n = g.sub_length(block, sub)
+            piece = data[offset : offset + n]
+            offset += n
+            if self.scheduler.is_done(block, sub):
+                self._run(self.scheduler.received(key, block, sub, n))  # a late copy
+            elif block in self.leaves:
+                self._verified_or_not(key, block, sub, piece)
+            else:
+                self._park(key, block, sub, piece)
+            if self._stopped:
+                return
+
+    def _http_failed(self, f: Failure, key: str, block: int, run: list[int]) -> None:
+        if self._stopped or key not in self.http:
+            return
+        self.log.warn(
+            "HTTP source {key} failed for block {block}: {error}",
+            key=key,
+            block=block,
+            error=f.getErrorMessage(),
+        )
+        for sub in run:
+            self._run(self.scheduler.failed(key, block, sub))
 
     def _use_origin(self) -> None:
         if self._origin_on or self._stopped:
             return
-        if self._fetch_range is None or not self.manifest.origins:
-            self._fail(DownloadFailed(f"no peer can serve {self.content_id[:12]} and it has no origin"))
+        if self._fetch_range is None or not self._origins:
+            self._fail(DownloadFailed(f"no source can serve {self.content_id[:12]} and it has no origin"))
             return
         self._origin_on = True
         self.log.info("No peers left for {cid}: falling back to the origin", cid=self.content_id[:12])
-        self._run(self.scheduler.add_source(ORIGIN, costly=True))
+        for key, url in self._origins.items():
+            self.http[key] = url
+            self._run(self.scheduler.add_source(key, costly=True, pipeline=HTTP_PIPELINE))
 
     # -- the scheduler's commands -----------------------------------------
 
     def _run(self, commands: list[sched.Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, sched.Request):
-                if cmd.source == ORIGIN:
-                    self._origin_request(cmd.block, cmd.subs)
+                if cmd.source in self.http:
+                    self._http_request(str(cmd.source), cmd.block, cmd.subs)
                 else:
                     peer = self._peer(cmd.source)
                     if peer is not None:
@@ -454,6 +554,8 @@ class DownloadSession:
                 if peer is not None:
                     peer.cancel(self._cid, cmd.block, cmd.subs)
             elif isinstance(cmd, sched.BlockDone):
+                if self._on_block is not None:
+                    self._on_block(cmd.block)
                 for d in self._waiters.pop(cmd.block, []):
                     d.callback(None)
             elif isinstance(cmd, sched.Drop):
@@ -478,7 +580,7 @@ class DownloadSession:
             self._last_ping = now
             for peer in self.peers.values():
                 peer.ping()
-        cheap = [k for k in self.scheduler.sources if k != ORIGIN]
+        cheap = [k for k, src in self.scheduler.sources.items() if not src.costly]
         if len(self.peers) + len(self._connecting) < self.max_peers:
             self._connect_more()
             if now - self._last_lookup >= TRACKER_RETRY:
@@ -486,7 +588,7 @@ class DownloadSession:
         if not cheap and not self._connecting:
             if self._no_peer_since is None:
                 self._no_peer_since = now
-            elif now - self._no_peer_since >= ORIGIN_GRACE:
+            elif now - self._no_peer_since >= self.origin_grace:
                 self._use_origin()
         else:
             self._no_peer_since = None

@@ -104,6 +104,7 @@ class SourceState:
     key: Hashable
     hint: float
     costly: bool = False
+    pipeline: int = DEFAULT_PIPELINE
     rate: float | None = None
     rtt: float = 0.0
     queue: deque[SubId] = field(factory=deque)
@@ -131,9 +132,13 @@ class Scheduler:
         window: int = DEFAULT_WINDOW,
         max_strikes: int = 3,
         have: Iterable[SubId] = (),
+        policy: str = "adaptive",
     ) -> None:
         if pipeline < 1 or window < 1:
             raise ValueError("pipeline and window must be at least 1")
+        if policy not in ("adaptive", "static"):
+            raise ValueError("policy is 'adaptive' or 'static'")
+        self.adaptive = policy == "adaptive"
         self.g = geometry
         self.clock = clock
         self.pipeline = pipeline
@@ -145,6 +150,7 @@ class Scheduler:
         self._next_block = 0  # first block not yet announced done
         self._opened = 0  # blocks [_next_block, _opened) are in the window
         self._pool: deque[SubId] = deque()  # work no source holds
+        self._parked: dict[SubId, Hashable] = {}  # arrived, awaiting verification
         self.duplicated_bytes = 0
 
     # -- queries ---------------------------------------------------------
@@ -171,13 +177,23 @@ class Scheduler:
         self._advance(out)
         return out
 
-    def add_source(self, key: Hashable, hint: float | None = None, costly: bool = False) -> list[Command]:
+    def add_source(
+        self,
+        key: Hashable,
+        hint: float | None = None,
+        costly: bool = False,
+        pipeline: int | None = None,
+    ) -> list[Command]:
         now = self.clock.seconds()
         old = self.sources.get(key)
         if old is not None:  # a reconnect under the same key: its old work goes back
             self._give_back(old)
         self.sources[key] = SourceState(
-            key, hint if hint and hint > 0 else DEFAULT_HINT_RATE, costly, last_progress=now
+            key,
+            hint if hint and hint > 0 else DEFAULT_HINT_RATE,
+            costly,
+            pipeline=pipeline or self.pipeline,
+            last_progress=now,
         )
         out: list[Command] = []
         if not costly and any(s.costly for s in self.sources.values() if s.key != key):
@@ -209,9 +225,67 @@ class Scheduler:
 
     def received(self, key: Hashable, block: int, sub: int, nbytes: int) -> list[Command]:
         """A sub block from C{key} arrived I{and verified}."""
-        out: list[Command] = []
-        now = self.clock.seconds()
+        src = self._arrival(key, (block, sub), nbytes)
+        return self._complete((block, sub), src, nbytes)
+
+    def arrived(self, key: Hashable, block: int, sub: int, nbytes: int) -> list[Command]:
+        """
+        A sub block from C{key} arrived but cannot be verified yet (its block's
+        leaves are unknown: an HTTP source sends no hash list).  It counts for
+        the source's rate and frees its pipeline; L{confirm} or L{discard} it
+        once the block can be checked as a whole.
+        """
         sid = (block, sub)
+        self._arrival(key, sid, nbytes)
+        out: list[Command] = []
+        if sid in self._done or sid in self._parked:
+            return out
+        self._parked[sid] = key
+        for other in self.sources.values():
+            if sid in other.queue:
+                other.queue.remove(sid)
+        if sid in self._pool:
+            self._pool.remove(sid)
+        self._balance(out)
+        self._fill(out)
+        return out
+
+    def confirm(self, block: int, sub: int, nbytes: int) -> list[Command]:
+        """A parked sub block verified."""
+        key = self._parked.pop((block, sub), None)
+        return self._complete((block, sub), self.sources.get(key) if key is not None else None, nbytes)
+
+    def discard(self, block: int, sub: int, strike: bool = True) -> list[Command]:
+        """A parked sub block failed verification: fetch it again, strike its sender."""
+        sid = (block, sub)
+        key = self._parked.pop(sid, None)
+        out: list[Command] = []
+        if key is None or sid in self._done:
+            return out
+        self._pool.appendleft(sid)
+        src = self.sources.get(key)
+        if strike:
+            out.extend(self.strike(key))
+            if key not in self.sources:
+                return out
+        self._assign_pool(out, avoid=src)
+        self._fill(out)
+        self._check_starved(out)
+        return out
+
+    def strike(self, key: Hashable) -> list[Command]:
+        """C{key} sent something wrong; at C{max_strikes} it is dropped."""
+        src = self.sources.get(key)
+        if src is None:
+            return []
+        src.strikes += 1
+        if src.strikes < self.max_strikes:
+            return []
+        return [Drop(key, f"{src.strikes} strikes"), *self.remove_source(key)]
+
+    def _arrival(self, key: Hashable, sid: SubId, nbytes: int) -> SourceState | None:
+        """Bookkeeping for bytes that came in from C{key}: rate, progress, in-flight set."""
+        now = self.clock.seconds()
         src = self.sources.get(key)
         if src is not None:
             sent = src.inflight.pop(sid, None)
@@ -225,6 +299,12 @@ class Scheduler:
                 src.rate = sample if src.rate is None else (1 - ALPHA) * src.rate + ALPHA * sample
             src.busy_since = now if src.inflight else None
             src.last_progress = now
+        return src
+
+    def _complete(self, sid: SubId, src: SourceState | None, nbytes: int) -> list[Command]:
+        out: list[Command] = []
+        block, sub = sid
+        self._parked.pop(sid, None)
         if sid in self._done:
             if src is not None:
                 self.duplicated_bytes += nbytes
@@ -258,10 +338,8 @@ class Scheduler:
         if sid not in self._done and not self._held_elsewhere(sid, src):
             self._pool.appendleft(sid)
         if strike:
-            src.strikes += 1
-            if src.strikes >= self.max_strikes:
-                out.append(Drop(key, f"{src.strikes} strikes"))
-                out.extend(self.remove_source(key))
+            out.extend(self.strike(key))
+            if key not in self.sources:
                 return out
         # Prefer others for the failed sub block.
         self._assign_pool(out, avoid=src)
@@ -289,7 +367,7 @@ class Scheduler:
         never under L{MIN_STALL_TIMEOUT}.
         """
         expected = src.rtt + self.g.sub_block_size / max(src.speed, 1.0)
-        return max(MIN_STALL_TIMEOUT, 4 * expected * self.pipeline)
+        return max(MIN_STALL_TIMEOUT, 4 * expected * src.pipeline)
 
     # -- internals -------------------------------------------------------
 
@@ -318,21 +396,26 @@ class Scheduler:
                 return
             self._distribute(subs, out)
 
+    def _weight(self, src: SourceState) -> float:
+        """The valuation index used to share work: the estimated rate (1 for all under the static policy)."""
+        return src.speed if self.adaptive else 1.0
+
     def _distribute(self, subs: list[SubId], out: list[Command]) -> None:
         targets = self.usable()
         if not targets:
             self._pool.extend(subs)
             self._check_starved(out)
             return
-        total = sum(s.speed for s in targets)
-        exact = [len(subs) * s.speed / total for s in targets]
+        weights = [self._weight(s) for s in targets]
+        total = sum(weights)
+        exact = [len(subs) * w / total for w in weights]
         counts = [int(x) for x in exact]
         left = len(subs) - sum(counts)
         by_remainder = sorted(range(len(targets)), key=lambda i: exact[i] - counts[i], reverse=True)
         for i in by_remainder[:left]:
             counts[i] += 1
         # Fastest sources take the earliest sub blocks.
-        order = sorted(range(len(targets)), key=lambda i: -targets[i].speed)
+        order = sorted(range(len(targets)), key=lambda i: -weights[i])
         it = iter(subs)
         for i in order:
             for _ in range(counts[i]):
@@ -347,17 +430,19 @@ class Scheduler:
             return
         pool = [sid for sid in self._pool if sid not in self._done]
         self._pool.clear()
-        total = sum(s.speed for s in targets)
+        total = sum(self._weight(s) for s in targets)
         i = 0
-        for src in sorted(targets, key=lambda s: -s.speed):
-            n = round(len(pool) * src.speed / total)
+        for src in sorted(targets, key=lambda s: -self._weight(s)):
+            n = round(len(pool) * self._weight(src) / total)
             src.queue.extend(pool[i : i + n])
             i += n
         if i < len(pool):
-            max(targets, key=lambda s: s.speed).queue.extend(pool[i:])
+            max(targets, key=self._weight).queue.extend(pool[i:])
 
     def _balance(self, out: list[Command]) -> None:
         """Claim 8: idle sources take over part of the slowest source's queue."""
+        if not self.adaptive:
+            return
         usable = self.usable()
         for f in sorted(usable, key=lambda s: -s.speed):
             if not f.idle():
@@ -408,7 +493,7 @@ class Scheduler:
             batch: dict[int, list[int]] = {}
             if not src.inflight:
                 src.last_progress = now
-            while src.queue and len(src.inflight) < self.pipeline:
+            while src.queue and len(src.inflight) < src.pipeline:
                 sid = src.queue.popleft()
                 if sid in self._done or sid in src.inflight:
                     continue

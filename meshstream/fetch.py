@@ -1,0 +1,318 @@
+# -*- test-case-name: tests.test_fetch -*-
+"""
+C{meshstream fetch}: download one content from a pool of sources into a file.
+
+    meshstream fetch (CONTENT_ID | --manifest FILE) [--source URL]... [--tracker URL] -o OUT
+
+Sources are peers (C{meshstream://host:port}), HTTP servers with Range
+support (C{http://...}, used like peers), the peers the tracker lists, and,
+only when nothing else is left, the origins named in the manifest.  Every sub
+block is verified before it is written; the output is written to
+C{OUT.part} and renamed to C{OUT} only once complete, so C{OUT} never holds an
+unverified byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+
+from meshstream.agent.store import StoreError
+from meshstream.manifest import Manifest, ManifestError, load_public_key
+
+
+class OutputFile:
+    """A plain file as a session's sink: verified sub blocks land at their offsets."""
+
+    def __init__(self, path: str, manifest: Manifest) -> None:
+        self.path = path
+        self.part = path + ".part"
+        self.manifest = manifest
+        self.leaves: dict[int, list[bytes]] = {}
+        self._subs: dict[int, set[int]] = {}
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def has_sub(self, block: int, sub: int) -> bool:
+        return block in self.leaves or sub in self._subs.get(block, ())
+
+    def held_subs(self) -> Iterator[tuple[int, int]]:
+        return iter(())
+
+    def write(self, block: int, sub: int, data: bytes, leaves: list[bytes]) -> bool:
+        g = self.manifest.geometry
+        try:
+            if os.pwrite(self._fd, data, g.sub_offset(block, sub)) != len(data):
+                raise OSError("short write")
+        except OSError as e:
+            raise StoreError(f"cannot write {self.part}: {e}") from e
+        done = self._subs.setdefault(block, set())
+        done.add(sub)
+        if len(done) < g.subs_in_block(block):
+            return False
+        del self._subs[block]
+        self.leaves[block] = leaves
+        return True
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def finish(self) -> None:
+        """All verified: make the file whole (size, durability) and give it its name."""
+        os.ftruncate(self._fd, self.manifest.size)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        os.replace(self.part, self.path)
+
+    def abandon(self) -> None:
+        os.close(self._fd)
+
+
+@frozen
+class PeerAddress:
+    """A peer given on the command line, shaped like a tracker's node entry."""
+
+    host: str
+    port: int
+    state: dict[str, Any] = field(factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_source(url: str) -> PeerAddress | str:
+    """C{meshstream://host:port} -> a peer; C{http(s)://...} -> the URL itself."""
+    parts = urlsplit(url)
+    if parts.scheme == "meshstream":
+        if not parts.hostname or not parts.port:
+            raise ValueError(f"a peer source is meshstream://HOST:PORT, not {url!r}")
+        return PeerAddress(parts.hostname, parts.port)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return url
+    raise ValueError(f"unknown source {url!r}: use meshstream://HOST:PORT or an http(s):// URL")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("content_id", nargs="?", help="content id (needs --tracker)")
+    p.add_argument("--manifest", help="a manifest file (signed or not) instead of a content id")
+    p.add_argument("--source", action="append", default=[], help="meshstream://HOST:PORT or http(s):// URL")
+    p.add_argument("--tracker", help="tracker base URL: manifest by id, and more peers")
+    p.add_argument("--tracker-key", help="the tracker's public key (base64) or a file holding it")
+    p.add_argument("-o", "--output", required=True, help="where to write the content")
+    p.add_argument("--window", type=int, default=2, help="blocks in flight (1 = faithful mode)")
+    p.add_argument("--pipeline", type=int, default=4, help="sub block requests outstanding per peer")
+    p.add_argument("--max-peers", type=int, default=4, help="peers from the tracker to use at once")
+    p.add_argument("--policy", choices=["adaptive", "static"], default="adaptive")
+    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    p.add_argument(
+        "--origin-grace", type=float, default=1.0, help="seconds without any source before using the origin"
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"meshstream fetch: {message}", file=sys.stderr)
+    return 1
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    if bool(args.content_id) == bool(args.manifest):
+        print("meshstream fetch: give a CONTENT_ID or --manifest FILE (one of them)", file=sys.stderr)
+        return 2
+    if args.content_id and not args.tracker:
+        print("meshstream fetch: a CONTENT_ID needs --tracker", file=sys.stderr)
+        return 2
+    if args.window < 1 or args.pipeline < 1 or args.max_peers < 1:
+        print("meshstream fetch: --window, --pipeline and --max-peers are at least 1", file=sys.stderr)
+        return 2
+    try:
+        sources = [parse_source(u) for u in args.source]
+        key = None
+        if args.tracker_key:
+            data = args.tracker_key.encode()
+            if os.path.exists(args.tracker_key):
+                with open(args.tracker_key, "rb") as f:
+                    data = f.read()
+            key = load_public_key(data)
+        manifest = None
+        if args.manifest:
+            with open(args.manifest, "rb") as f:
+                manifest = Manifest.from_json(f.read())
+            if key is not None:
+                manifest.verify(key)
+    except (ValueError, OSError) as e:
+        print(f"meshstream fetch: {e}", file=sys.stderr)
+        return 2
+
+    from twisted.internet import task
+
+    outcome: list[int] = []
+
+    def main(reactor: Any) -> Any:
+        from twisted.internet.defer import ensureDeferred
+
+        return ensureDeferred(_fetch(reactor, args, manifest, key, sources, outcome))
+
+    try:
+        task.react(main)
+    except SystemExit:
+        pass
+    return outcome[0] if outcome else 1
+
+
+async def _fetch(
+    reactor: Any,
+    args: argparse.Namespace,
+    manifest: Manifest | None,
+    key: Any,
+    sources: list[PeerAddress | str],
+    outcome: list[int],
+) -> None:
+    from treq.client import HTTPClient
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import clientFromString, connectProtocol
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from meshstream.agent.session import DownloadSession
+    from meshstream.sources import fetch_range
+    from meshstream.tracker.client import TrackerClient
+    from meshstream.wire.protocol import PeerProtocol
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    http = HTTPClient(Agent(reactor, pool=pool))
+    tracker = TrackerClient(http, args.tracker, reactor) if args.tracker else None
+    node_id = "fetch-" + uuid.uuid4().hex[:8]
+    sink: OutputFile | None = None
+    try:
+        if manifest is None:
+            assert tracker is not None
+            if key is None:
+                print("meshstream fetch: no --tracker-key: trusting the tracker's key", file=sys.stderr)
+                key = await tracker.public_key()
+            manifest = await tracker.get_manifest(args.content_id)
+            if manifest.content_id != args.content_id:
+                raise ManifestError("the tracker sent a manifest for another content")
+            manifest.verify(key)
+        peers = [s for s in sources if isinstance(s, PeerAddress)]
+        mirrors = [s for s in sources if isinstance(s, str)]
+        cid = manifest.content_id
+
+        def find_nodes() -> Deferred[list[Any]]:
+            if tracker is None:
+                return Deferred.fromCoroutine(_const(list(peers)))
+            d = tracker.nodes(cid, limit=50, exclude=[node_id])
+            d.addCallback(lambda listed: [*peers, *listed])
+            return d
+
+        def connect(node: Any, listener: Any) -> Deferred[PeerProtocol]:
+            host = node.host.replace(":", r"\:")
+            endpoint = clientFromString(reactor, f"tcp:host={host}:port={node.port}:timeout=5")
+            proto = PeerProtocol(node_id, reactor, listener=listener)
+            d = connectProtocol(endpoint, proto)
+            d.addCallback(lambda p: p.ready)
+            return d
+
+        sink = OutputFile(args.output, manifest)
+        progress = Progress(args.progress, manifest.size, manifest.block_size)
+        session = DownloadSession(
+            sink,
+            reactor,
+            find_nodes,
+            connect,
+            fetch_range=lambda url, a, b: fetch_range(url, a, b, reactor, http=http),
+            max_peers=max(args.max_peers, len(peers)),
+            pipeline=args.pipeline,
+            window=args.window,
+            http_sources=mirrors,
+            policy=args.policy,
+            on_block=progress.block,
+            origin_grace=args.origin_grace,
+        )
+        session.start()
+        try:
+            await session.done
+        finally:
+            progress.finish(session.status())
+        sink.finish()
+        sink = None
+        outcome.append(0)
+    except Exception as e:
+        if sink is not None:
+            sink.abandon()
+        reason = str(e) or type(e).__name__
+        if args.progress == "json":
+            print(json.dumps({"done": True, "ok": False, "error": reason}), flush=True)
+        outcome.append(_fail(reason))
+    finally:
+        await pool.closeCachedConnections()
+
+
+async def _const(value: Any) -> Any:
+    return value
+
+
+class Progress:
+    """A progress bar on stderr, or JSON lines on stdout for scripts and benchmarks."""
+
+    def __init__(self, mode: str, size: int, block_size: int) -> None:
+        self.mode = mode
+        self.size = size
+        self.block_size = block_size
+        self.started = time.monotonic()
+        self._shown = 0.0
+
+    def block(self, block: int) -> None:
+        done = min(self.size, (block + 1) * self.block_size)
+        now = time.monotonic()
+        t = now - self.started
+        if self.mode == "json":
+            print(json.dumps({"t": round(t, 6), "bytes": done, "size": self.size}), flush=True)
+        elif self.mode == "bar" and (now - self._shown >= 0.2 or done == self.size):
+            self._shown = now
+            frac = done / self.size if self.size else 1.0
+            fill = int(frac * 30)
+            rate = done / t / 2**20 if t > 0 else 0.0
+            sys.stderr.write(
+                f"\r[{'#' * fill}{'.' * (30 - fill)}] {frac:6.1%} {done / 2**20:8.1f} MiB {rate:7.2f} MiB/s"
+            )
+            sys.stderr.flush()
+
+    def finish(self, status: dict[str, Any]) -> None:
+        seconds = time.monotonic() - self.started
+        ok = bool(status.get("complete"))
+        if self.mode == "json":
+            print(
+                json.dumps(
+                    {
+                        "done": True,
+                        "ok": ok,
+                        "seconds": round(seconds, 6),
+                        "bytes": self.size if ok else None,
+                        "bytes_by_source": status.get("bytes_by_source", {}),
+                        "duplicated_bytes": status.get("duplicated_bytes", 0),
+                        "rejected_bytes": status.get("rejected_bytes", 0),
+                        "error": status.get("failed"),
+                    }
+                ),
+                flush=True,
+            )
+        elif self.mode == "bar":
+            sys.stderr.write("\n")
+            by_source = status.get("bytes_by_source", {})
+            total = sum(by_source.values()) or 1
+            for name, n in sorted(by_source.items(), key=lambda kv: -kv[1]):
+                sys.stderr.write(f"  {name:<40} {n / 2**20:9.1f} MiB {n / total:6.1%}\n")
+            if ok:
+                sys.stderr.write(
+                    f"  {self.size / 2**20:.1f} MiB in {seconds:.2f}s"
+                    f" ({self.size / max(seconds, 1e-9) / 2**20:.2f} MiB/s), verified\n"
+                )
