@@ -626,3 +626,59 @@ class ThroughputTests(SynchronousTestCase):
     def test_bad_parameters(self) -> None:
         self.assertRaises(ValueError, S.Scheduler, geometry(1, 1), Clock(), pipeline=0)
         self.assertRaises(ValueError, S.Scheduler, geometry(1, 1), Clock(), window=0)
+
+
+class ParkingTests(SynchronousTestCase):
+    """Sub blocks that arrive before their block can be verified (HTTP sources)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sched = S.Scheduler(geometry(2, 2), self.clock, pipeline=2, window=1)
+        self.first = self.sched.add_source("http", hint=1000.0)
+        self.first += self.sched.start()
+
+    def test_arrived_frees_the_pipeline_but_is_not_done(self) -> None:
+        self.assertEqual(self.first, [S.Request("http", 0, (0, 1))])
+        self.clock.advance(1)
+        self.assertEqual(self.sched.arrived("http", 0, 0, 1024), [])
+        self.assertEqual(self.sched.sources["http"].inflight, {(0, 1): 0.0})
+        self.assertFalse(self.sched.is_done(0, 0))
+        self.assertEqual(self.sched.arrived("http", 0, 1, 1024), [])
+        self.assertEqual(self.sched.confirm(0, 0, 1024), [])
+        self.assertEqual(self.sched.confirm(0, 1, 1024), [S.BlockDone(0), S.Request("http", 1, (0, 1))])
+
+    def test_discard_refetches_and_strikes(self) -> None:
+        self.sched.arrived("http", 0, 0, 1024)
+        self.sched.arrived("http", 0, 1, 1024)
+        self.assertEqual(self.sched.discard(0, 0, strike=False), [S.Request("http", 0, (0,))])
+        self.assertEqual(self.sched.sources["http"].strikes, 0)
+        out = self.sched.discard(0, 1, strike=True)
+        self.assertEqual(self.sched.sources["http"].strikes, 1)
+        self.assertEqual(out, [S.Request("http", 0, (1,))])
+        self.sched.strike("http")
+        out = self.sched.strike("http")
+        self.assertEqual(out[0], S.Drop("http", "3 strikes"))
+        self.assertNotIn("http", self.sched.sources)
+        self.assertIn(S.NeedSources("no source left"), out)
+
+    def test_discard_unknown_is_a_no_op(self) -> None:
+        self.assertEqual(self.sched.discard(1, 1), [])
+
+
+class StaticPolicyTests(SynchronousTestCase):
+    def test_equal_split_and_no_redistribution(self) -> None:
+        sim = Sim(self, geometry(4, 8), pipeline=8, window=1)
+        sched = S.Scheduler(sim.g, sim.clock, pipeline=8, window=1, policy="static")
+        sim.sched = sched
+        sim.add("slow", rate=1000, hint=1000)
+        sim.add("fast", rate=8000, hint=8000)
+        sim.start()
+        first = [r for r in sim.requested if r[2][0] == 0]
+        self.assertEqual(sum(1 for r in first if r[1] == "slow"), 4)
+        self.assertEqual(sum(1 for r in first if r[1] == "fast"), 4)
+        sim.run(tick=False)
+        sim.assert_complete()
+        # Every block is split 4/4 whatever the speeds: the slow source sets the pace.
+        slow = sum(1 for r in sim.requested if r[1] == "slow")
+        self.assertEqual(slow, 16)
+        self.assertRaises(ValueError, S.Scheduler, sim.g, sim.clock, policy="greedy")
