@@ -47,13 +47,20 @@ class OutputFile:
     def held_subs(self) -> Iterator[tuple[int, int]]:
         return iter(())
 
-    def write(self, block: int, sub: int, data: bytes, leaves: list[bytes]) -> bool:
-        g = self.manifest.geometry
+    def write(self, block: int, sub: int, data: bytes | memoryview, leaves: list[bytes]) -> bool:
+        self.store(block, sub, data)
+        return self.mark(block, sub, leaves)
+
+    def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
+        """Write one verified sub block's bytes; safe to call from a worker thread."""
         try:
-            if os.pwrite(self._fd, data, g.sub_offset(block, sub)) != len(data):
+            if os.pwrite(self._fd, data, self.manifest.geometry.sub_offset(block, sub)) != len(data):
                 raise OSError("short write")
         except OSError as e:
             raise StoreError(f"cannot write {self.part}: {e}") from e
+
+    def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool:
+        g = self.manifest.geometry
         done = self._subs.setdefault(block, set())
         done.add(sub)
         if len(done) < g.subs_in_block(block):
@@ -177,18 +184,20 @@ async def _fetch(
     outcome: list[int],
 ) -> None:
     from treq.client import HTTPClient
+    from twisted.internet import threads
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import clientFromString, connectProtocol
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import HTTPConnectionPool
 
     from meshstream.agent.session import DownloadSession
-    from meshstream.sources import fetch_range
+    from meshstream.sources import fetch_range, make_agent
     from meshstream.tracker.client import TrackerClient
     from meshstream.wire.protocol import PeerProtocol
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
-    http = HTTPClient(Agent(reactor, pool=pool))
+    agent = make_agent(reactor, pool)
+    http = HTTPClient(agent)
     tracker = TrackerClient(http, args.tracker, reactor) if args.tracker else None
     node_id = "fetch-" + uuid.uuid4().hex[:8]
     sink: OutputFile | None = None
@@ -228,7 +237,7 @@ async def _fetch(
             reactor,
             find_nodes,
             connect,
-            fetch_range=lambda url, a, b: fetch_range(url, a, b, reactor, http=http),
+            fetch_range=lambda url, a, b: fetch_range(agent, url, a, b, reactor),
             max_peers=max(args.max_peers, len(peers)),
             pipeline=args.pipeline,
             window=args.window,
@@ -236,6 +245,7 @@ async def _fetch(
             policy=args.policy,
             on_block=progress.block,
             origin_grace=args.origin_grace,
+            offload=lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a),
         )
         session.start()
         try:

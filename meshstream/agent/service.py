@@ -52,7 +52,7 @@ from meshstream.manifest import (
     build_manifest,
     load_public_key,
 )
-from meshstream.sources import fetch_range
+from meshstream.sources import fetch_range, make_agent
 from meshstream.tracker.client import TrackerClient
 from meshstream.wire.protocol import IPeerListener, PeerFactory, PeerProtocol, TokenBucket
 
@@ -160,6 +160,7 @@ class AgentService(Service):
         from twisted.web.client import Agent, HTTPConnectionPool
 
         self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self._agent = make_agent(self.reactor, self._pool)
         self.http = HTTPClient(Agent(self.reactor, pool=self._pool))
         self.tracker = TrackerClient(self.http, cfg.tracker.rstrip("/"), self.clock)
         self.tracker_key = yield self._trusted_key()
@@ -375,10 +376,13 @@ class AgentService(Service):
             self.clock,
             find_nodes,
             self._connect,
-            fetch_range=lambda url, a, b: fetch_range(url, a, b, self.clock, http=self.http),
+            fetch_range=lambda url, a, b: fetch_range(self._agent, url, a, b, self.clock),
             max_peers=self.config.max_peers,
             window=self.config.window,
             on_complete=self._session_complete,
+            offload=lambda f, *a: threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), f, *a
+            ),
         )
         self.sessions[cid] = session
         session.done.addErrback(

@@ -17,10 +17,11 @@ cache sees a byte.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,7 +57,12 @@ class BlockSink(Protocol):
 
     def held_subs(self) -> Iterator[tuple[int, int]]: ...
 
-    def write(self, block: int, sub: int, data: bytes, leaves: list[bytes]) -> bool: ...
+    def write(self, block: int, sub: int, data: Buffer, leaves: list[bytes]) -> bool: ...
+
+    def store(self, block: int, sub: int, data: Buffer) -> None:
+        """Write the bytes only (thread-safe); L{mark} records them."""
+
+    def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool: ...
 
     def read_range(self, offset: int, length: int) -> bytes: ...
 
@@ -70,8 +76,12 @@ class NodeLike(Protocol):
 
 #: connect(node, listener) -> Deferred firing with a PeerProtocol after HELLO.
 Connector = Callable[[NodeLike, IPeerListener], "Deferred[PeerProtocol]"]
+#: Bytes as they come in: a received frame, or a slice of an HTTP body buffer.
+Buffer = bytes | memoryview
+#: offload(f, *args) -> Deferred of f(*args) run in a worker thread.
+Offload = Callable[..., "Deferred[Any]"]
 #: fetch_range(url, first, last) -> Deferred of exactly last - first + 1 bytes.
-RangeFetcher = Callable[[str, int, int], "Deferred[bytes]"]
+RangeFetcher = Callable[[str, int, int], "Deferred[memoryview]"]
 
 
 @define
@@ -153,6 +163,7 @@ class DownloadSession:
         policy: str = "adaptive",
         on_block: Callable[[int], None] | None = None,
         origin_grace: float = ORIGIN_GRACE,
+        offload: Offload | None = None,
     ) -> None:
         self.entry = entry
         self.manifest = entry.manifest
@@ -168,6 +179,10 @@ class DownloadSession:
         self._on_complete = on_complete
         self._on_block = on_block
         self.origin_grace = origin_grace
+        self._offload = offload
+        #: While a whole HTTP run is being handled, the requests it frees up
+        #: are gathered here and sent as few, large Range requests.
+        self._http_batch: dict[tuple[str, int], list[int]] | None = None
         self._cid = bytes.fromhex(self.content_id)
         self.scheduler = sched.Scheduler(
             self.manifest.geometry,
@@ -187,7 +202,7 @@ class DownloadSession:
         self._origins = {
             ("origin" if i == 0 else f"origin-{i}"): url for i, url in enumerate(self.manifest.origins)
         }
-        self._parked: dict[int, dict[int, tuple[str, bytes]]] = {}
+        self._parked: dict[int, dict[int, tuple[str, Buffer, bytes | None]]] = {}
         self._connecting: set[str] = set()
         self._candidates: list[NodeLike] = []
         self.bytes_by_source: dict[str, int] = {}
@@ -379,7 +394,7 @@ class DownloadSession:
             return
         self._verified_or_not(nid, msg.block, msg.sub, msg.data)
 
-    def _verified_or_not(self, source: str, block: int, sub: int, data: bytes) -> None:
+    def _verified_or_not(self, source: str, block: int, sub: int, data: Buffer) -> None:
         if check_sub(self.leaves[block], sub, data):
             self._accept(source, block, sub, data)
             return
@@ -389,12 +404,23 @@ class DownloadSession:
         )
         self._run(self.scheduler.failed(source, block, sub))
 
-    def _accept(self, source: str, block: int, sub: int, data: bytes, parked: bool = False) -> None:
+    def _accept(
+        self,
+        source: str,
+        block: int,
+        sub: int,
+        data: Buffer,
+        parked: bool = False,
+        already_stored: bool = False,
+    ) -> None:
         """Store a verified sub block and tell the scheduler (which counts a late copy as duplicated)."""
         if not self.scheduler.is_done(block, sub):
             if not self.entry.has_sub(block, sub):
                 try:
-                    self.entry.write(block, sub, data, self.leaves[block])
+                    if already_stored:
+                        self.entry.mark(block, sub, self.leaves[block])
+                    else:
+                        self.entry.write(block, sub, data, self.leaves[block])
                 except StoreError as e:
                     self.log.error("Write failed: {error}", error=str(e))
                     self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
@@ -405,36 +431,39 @@ class DownloadSession:
         else:
             self._run(self.scheduler.received(source, block, sub, len(data)))
 
-    def _park(self, source: str, block: int, sub: int, data: bytes) -> None:
+    def _park(self, source: str, block: int, sub: int, data: Buffer, leaf: bytes | None = None) -> None:
         """
         Hold an HTTP-fetched sub block of a block whose leaves are unknown
         until the whole block is here and can be checked against its root.
         """
-        self._parked.setdefault(block, {})[sub] = (source, data)
+        self._parked.setdefault(block, {})[sub] = (source, data, leaf)
         self._run(self.scheduler.arrived(source, block, sub, len(data)))
         parked = self._parked.get(block, {})
         g = self.manifest.geometry
         if len(parked) < g.subs_in_block(block) or block in self.leaves:
             return
-        leaves = [leaf_hash(parked[i][1]) for i in range(g.subs_in_block(block))]
+        leaves = [parked[i][2] or leaf_hash(parked[i][1]) for i in range(g.subs_in_block(block))]
         if root_hash(leaves) == self.manifest.block_roots[block]:
             self.leaves[block] = leaves
-            self._release_parked(block)
+            self._release_parked(block, verified=True)
             return
         # Some source sent wrong bytes, but without leaves we cannot tell which:
         # fetch the whole block again and strike every source that took part.
         del self._parked[block]
-        self.rejected_bytes += sum(len(d) for _, d in parked.values())
+        self.rejected_bytes += sum(len(d) for _, d, _leaf in parked.values())
         self.log.warn("Block {block} from HTTP sources does not match its root", block=block)
         for sub in sorted(parked):
             self._run(self.scheduler.discard(block, sub, strike=False))
-        for source in sorted({src for src, _d in parked.values()}):
+        for source in sorted({src for src, _d, _leaf in parked.values()}):
             self._run(self.scheduler.strike(source))
 
-    def _release_parked(self, block: int) -> None:
-        """The block's leaves are known now: check each parked sub block against its own."""
-        for sub, (source, data) in sorted(self._parked.pop(block, {}).items()):
-            if check_sub(self.leaves[block], sub, data):
+    def _release_parked(self, block: int, verified: bool = False) -> None:
+        """
+        The block's leaves are known now: check each parked sub block against
+        its own (unless the leaves were just computed from these very bytes).
+        """
+        for sub, (source, data, _leaf) in sorted(self._parked.pop(block, {}).items()):
+            if verified or check_sub(self.leaves[block], sub, data):
                 self._accept(source, block, sub, data, parked=True)
             else:
                 self.rejected_bytes += len(data)
@@ -496,23 +525,81 @@ class DownloadSession:
                 errbackArgs=(key, block, run),
             )
 
-    def _http_got(self, data: bytes, key: str, block: int, run: list[int]) -> None:
+    def _http_got(self, data: Buffer, key: str, block: int, run: list[int]) -> None:
         if self._stopped or key not in self.http:
             return
+        # Hash (and, when the leaves are known, store) the run in a worker
+        # thread if we have one: hashlib and pwrite release the GIL, so the
+        # reactor keeps receiving while another core checks the bytes.
+        leaves = self.leaves.get(block)
+        offload = self._offload or maybeDeferred
+        d = offload(_check_and_store, self.entry, block, run, data, leaves)
+        d.addCallback(self._http_checked, key, block, run, data, leaves is not None)
+        d.addErrback(self._store_failed)
+
+    def _http_checked(
+        self,
+        results: list[tuple[int, bytes, bool]],
+        key: str,
+        block: int,
+        run: list[int],
+        data: Buffer,
+        stored: bool,
+    ) -> None:
+        """Back on the reactor: each sub block of the run with its leaf and whether it matched."""
+        if self._stopped:
+            return
+        with self._batched_http():
+            self._http_results(results, key, block, data, stored)
+
+    @contextmanager
+    def _batched_http(self) -> Iterator[None]:
+        outer = self._http_batch is None
+        if outer:
+            self._http_batch = {}
+        try:
+            yield
+        finally:
+            if outer:
+                batch, self._http_batch = self._http_batch, None
+                for (key, block), subs in (batch or {}).items():
+                    if key in self.http and not self._stopped:
+                        self._http_request(key, block, tuple(subs))
+
+    def _http_results(
+        self, results: list[tuple[int, bytes, bool]], key: str, block: int, data: Buffer, stored: bool
+    ) -> None:
         g = self.manifest.geometry
         offset = 0
-        for sub in run:
+        for sub, leaf, ok in results:
             n = g.sub_length(block, sub)
             piece = data[offset : offset + n]
             offset += n
             if self.scheduler.is_done(block, sub):
-                self._run(self.scheduler.received(key, block, sub, n))  # a late copy
-            elif block in self.leaves:
-                self._verified_or_not(key, block, sub, piece)
+                self._run(self.scheduler.received(key, block, sub, n))
+            elif stored and ok:
+                self._accept(key, block, sub, piece, already_stored=True)
+            elif stored or block in self.leaves:
+                if self.leaves[block][sub] == leaf:  # leaves arrived meanwhile
+                    self._accept(key, block, sub, piece)
+                else:
+                    self.rejected_bytes += n
+                    self.log.warn(
+                        "Sub block {block}/{sub} from {source} failed verification",
+                        block=block,
+                        sub=sub,
+                        source=key,
+                    )
+                    self._run(self.scheduler.failed(key, block, sub))
             else:
-                self._park(key, block, sub, piece)
+                self._park(key, block, sub, piece, leaf)
             if self._stopped:
                 return
+
+    def _store_failed(self, f: Failure) -> None:
+        f.trap(StoreError)
+        self.log.error("Write failed: {error}", error=f.getErrorMessage())
+        self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {f.getErrorMessage()}"))
 
     def _http_failed(self, f: Failure, key: str, block: int, run: list[int]) -> None:
         if self._stopped or key not in self.http:
@@ -543,7 +630,9 @@ class DownloadSession:
     def _run(self, commands: list[sched.Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, sched.Request):
-                if cmd.source in self.http:
+                if cmd.source in self.http and self._http_batch is not None:
+                    self._http_batch.setdefault((str(cmd.source), cmd.block), []).extend(cmd.subs)
+                elif cmd.source in self.http:
                     self._http_request(str(cmd.source), cmd.block, cmd.subs)
                 else:
                     peer = self._peer(cmd.source)
@@ -608,3 +697,26 @@ class DownloadSession:
             "rejected_bytes": self.rejected_bytes,
             "duplicated_bytes": self.scheduler.duplicated_bytes,
         }
+
+
+def _check_and_store(
+    sink: BlockSink, block: int, run: list[int], data: Buffer, leaves: list[bytes] | None
+) -> list[tuple[int, bytes, bool]]:
+    """
+    In a worker thread: hash each sub block of an HTTP run; when the block's
+    leaves are known, store the ones that match.  Returns (sub, leaf, matched)
+    for each; the reactor thread does all the bookkeeping.
+    """
+    g = sink.manifest.geometry
+    out = []
+    offset = 0
+    for sub in run:
+        n = g.sub_length(block, sub)
+        piece = data[offset : offset + n]
+        offset += n
+        leaf = leaf_hash(piece)
+        ok = leaves is not None and leaves[sub] == leaf
+        if ok:
+            sink.store(block, sub, piece)
+        out.append((sub, leaf, ok))
+    return out

@@ -53,7 +53,7 @@ class Scrambler:
             raise ValueError("the box key is 32 bytes")
         self._key = key
 
-    def apply(self, content_id: str, offset: int, data: bytes) -> bytes:
+    def apply(self, content_id: str, offset: int, data: bytes | memoryview) -> bytes:
         """Scramble or unscramble (CTR is its own inverse) C{data} found at C{offset}."""
         skip = offset % 16
         counter = (int.from_bytes(hashlib.sha256(content_id.encode()).digest()[:8], "big") << 64) | (
@@ -184,20 +184,28 @@ class CacheEntry:
             for s in range(g.subs_in_block(b)):
                 yield (b, s)
 
-    def write(self, block: int, sub: int, data: bytes, leaves: list[bytes]) -> bool:
+    def write(self, block: int, sub: int, data: bytes | memoryview, leaves: list[bytes]) -> bool:
         """
         Store one verified sub block; return True when that completed its
         block (whose leaves are then logged).  Raises L{StoreError} when the
         disk refuses; nothing is marked held in that case.
         """
-        g = self.manifest.geometry
-        offset = g.sub_offset(block, sub)
+        self.store(block, sub, data)
+        return self.mark(block, sub, leaves)
+
+    def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
+        """Scramble and write one verified sub block's bytes; safe to call from a worker thread."""
+        offset = self.manifest.geometry.sub_offset(block, sub)
         try:
             n = os.pwrite(self._fd, self._scrambler.apply(self.cid, offset, data), offset)
             if n != len(data):
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as e:
             raise StoreError(f"cannot write {self.data_path}: {e.strerror or e}") from e
+
+    def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool:
+        """Record a stored sub block as held; True when that completed (and logged) its block."""
+        g = self.manifest.geometry
         done = self._subs.setdefault(block, set())
         done.add(sub)
         if len(done) < g.subs_in_block(block):
@@ -306,5 +314,5 @@ class AgentStore:
             entry.close()
 
 
-def check_sub(leaves: list[bytes], sub: int, data: bytes) -> bool:
+def check_sub(leaves: list[bytes], sub: int, data: bytes | memoryview) -> bool:
     return 0 <= sub < len(leaves) and leaf_hash(data) == leaves[sub]

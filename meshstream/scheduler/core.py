@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IReactorTime
@@ -99,6 +99,73 @@ class NeedSources:
 Command = Request | Cancel | Drop | BlockDone | NeedSources
 
 
+class SubQueue:
+    """
+    An ordered queue of sub block ids with O(1) membership and removal
+    (a deque plus a set; removed entries are skipped lazily when popped).
+    The scheduler asks "is X queued anywhere?" on every arrival, so a plain
+    deque's linear scans made large windows quadratic.
+    """
+
+    __slots__ = ("_items", "_live")
+
+    def __init__(self, items: Iterable[SubId] = ()) -> None:
+        self._items: deque[SubId] = deque()
+        self._live: set[SubId] = set()
+        self.extend(items)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __bool__(self) -> bool:
+        return bool(self._live)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._live
+
+    def __iter__(self) -> Iterator[SubId]:
+        seen: set[SubId] = set()
+        for sid in self._items:
+            if sid in self._live and sid not in seen:
+                seen.add(sid)
+                yield sid
+
+    def append(self, sid: SubId) -> None:
+        if sid not in self._live:
+            self._live.add(sid)
+            self._items.append(sid)
+
+    def appendleft(self, sid: SubId) -> None:
+        if sid not in self._live:
+            self._live.add(sid)
+            self._items.appendleft(sid)
+
+    def extend(self, sids: Iterable[SubId]) -> None:
+        for sid in sids:
+            self.append(sid)
+
+    def discard(self, sid: SubId) -> None:
+        self._live.discard(sid)
+
+    def popleft(self) -> SubId:
+        while True:
+            sid = self._items.popleft()
+            if sid in self._live:
+                self._live.remove(sid)
+                return sid
+
+    def pop(self) -> SubId:
+        while True:
+            sid = self._items.pop()
+            if sid in self._live:
+                self._live.remove(sid)
+                return sid
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._live.clear()
+
+
 @define
 class SourceState:
     key: Hashable
@@ -107,7 +174,7 @@ class SourceState:
     pipeline: int = DEFAULT_PIPELINE
     rate: float | None = None
     rtt: float = 0.0
-    queue: deque[SubId] = field(factory=deque)
+    queue: SubQueue = field(factory=SubQueue)
     inflight: dict[SubId, float] = field(factory=dict)
     busy_since: float | None = None
     last_progress: float = 0.0
@@ -149,7 +216,7 @@ class Scheduler:
         self._missing: dict[int, int] = {}
         self._next_block = 0  # first block not yet announced done
         self._opened = 0  # blocks [_next_block, _opened) are in the window
-        self._pool: deque[SubId] = deque()  # work no source holds
+        self._pool = SubQueue()  # work no source holds
         self._parked: dict[SubId, Hashable] = {}  # arrived, awaiting verification
         self.duplicated_bytes = 0
 
@@ -242,10 +309,8 @@ class Scheduler:
             return out
         self._parked[sid] = key
         for other in self.sources.values():
-            if sid in other.queue:
-                other.queue.remove(sid)
-        if sid in self._pool:
-            self._pool.remove(sid)
+            other.queue.discard(sid)
+        self._pool.discard(sid)
         self._balance(out)
         self._fill(out)
         return out
@@ -289,8 +354,7 @@ class Scheduler:
         src = self.sources.get(key)
         if src is not None:
             sent = src.inflight.pop(sid, None)
-            if sid in src.queue:
-                src.queue.remove(sid)
+            src.queue.discard(sid)
             src.bytes += nbytes
             src.subs_done += 1
             start = src.busy_since if src.busy_since is not None else sent
@@ -315,10 +379,8 @@ class Scheduler:
             if other is not src and sid in other.inflight:
                 del other.inflight[sid]
                 out.append(Cancel(other.key, block, (sub,)))
-            if sid in other.queue:
-                other.queue.remove(sid)
-        if sid in self._pool:
-            self._pool.remove(sid)
+            other.queue.discard(sid)
+        self._pool.discard(sid)
         self._missing[block] -= 1
         self._advance(out)
         self._balance(out)
