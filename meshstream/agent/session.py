@@ -460,14 +460,33 @@ class DownloadSession:
     def _release_parked(self, block: int, verified: bool = False) -> None:
         """
         The block's leaves are known now: check each parked sub block against
-        its own (unless the leaves were just computed from these very bytes).
+        its own (unless the leaves were just computed from these very bytes),
+        store the good ones (in a worker thread when there is one) and
+        re-request the bad ones.
         """
-        for sub, (source, data, _leaf) in sorted(self._parked.pop(block, {}).items()):
-            if verified or check_sub(self.leaves[block], sub, data):
-                self._accept(source, block, sub, data, parked=True)
+        good: list[tuple[int, str, Buffer]] = []
+        for sub, (source, data, leaf) in sorted(self._parked.pop(block, {}).items()):
+            if verified or (leaf or leaf_hash(data)) == self.leaves[block][sub]:
+                good.append((sub, source, data))
             else:
                 self.rejected_bytes += len(data)
                 self._run(self.scheduler.discard(block, sub, strike=True))
+        if not good:
+            return
+        offload = self._offload or maybeDeferred
+        d = offload(_store_all, self.entry, block, [(sub, data) for sub, _src, data in good])
+
+        def stored(_: object) -> None:
+            if self._stopped:
+                return
+            with self._batched_http():
+                for sub, source, data in good:
+                    self._accept(source, block, sub, data, parked=True, already_stored=True)
+                    if self._stopped:
+                        return
+
+        d.addCallback(stored)
+        d.addErrback(self._store_failed)
 
     def _rejected(self, node: NodeLike, msg: F.Reject) -> None:
         if msg.content_id != self._cid:
@@ -720,3 +739,9 @@ def _check_and_store(
             sink.store(block, sub, piece)
         out.append((sub, leaf, ok))
     return out
+
+
+def _store_all(sink: BlockSink, block: int, pieces: list[tuple[int, Buffer]]) -> None:
+    """In a worker thread: write verified sub blocks of one block."""
+    for sub, data in pieces:
+        sink.store(block, sub, data)
