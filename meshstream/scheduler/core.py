@@ -29,6 +29,18 @@ Redistribution (claims 6, 7, 8, 14, 16, 28)
     sub block is still in flight on a source much slower than F, F duplicates
     it (endgame); the first verified copy wins and the other is cancelled.
 
+Sources without hash lists
+    HTTP sources send no leaf list, so their sub blocks cannot be checked one
+    by one until a block's leaves are known: the session reports them with
+    L{Scheduler.arrived} (counted for the source's rate, its pipeline freed,
+    the sub block held), then L{Scheduler.confirm} or L{Scheduler.discard}
+    once the whole block was checked against its root.
+
+Policies
+    C{adaptive} (the default) is all of the above; C{static} splits every
+    block equally over the sources and never redistributes: the baseline
+    the benchmark compares against.
+
 Faults (claims 9, 13, 15)
     A lost or stalled source gives its work back; a sub block that fails
     verification is requested elsewhere and its sender gets a strike;
