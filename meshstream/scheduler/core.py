@@ -470,9 +470,24 @@ class Scheduler:
                 return
             self._distribute(subs, out)
 
+    def _speed(self, src: SourceState) -> float:
+        """
+        The source's estimated rate, discounted while it is overdue: a source
+        that has sent nothing for much longer than one sub block should take
+        is worth at most a sub block per time waited, so a stalling source
+        stops receiving new work (and becomes "the slowest") long before its
+        stall timeout drops it.
+        """
+        v = src.speed
+        if src.inflight:
+            waited = self.clock.seconds() - src.last_progress
+            if waited > 2 * (src.rtt + self.g.sub_block_size / max(v, 1.0)):
+                v = min(v, self.g.sub_block_size / waited)
+        return v
+
     def _weight(self, src: SourceState) -> float:
         """The valuation index used to share work: the estimated rate (1 for all under the static policy)."""
-        return src.speed if self.adaptive else 1.0
+        return self._speed(src) if self.adaptive else 1.0
 
     def _distribute(self, subs: list[SubId], out: list[Command]) -> None:
         targets = self.usable()
@@ -518,13 +533,13 @@ class Scheduler:
         if not self.adaptive:
             return
         usable = self.usable()
-        for f in sorted(usable, key=lambda s: -s.speed):
+        for f in sorted(usable, key=lambda s: -self._speed(s)):
             if not f.idle():
                 continue
             loaded = [s for s in usable if s is not f and s.queue]
             if loaded:
-                slow = min(loaded, key=lambda s: s.speed)
-                vf, vs = f.speed, slow.speed
+                slow = min(loaded, key=self._speed)
+                vf, vs = self._speed(f), self._speed(slow)
                 r = len(slow.queue)
                 size = self.g.sub_block_size
                 slow_finish = (r + len(slow.inflight)) * size / max(vs, 1.0)
@@ -540,7 +555,7 @@ class Scheduler:
         now = self.clock.seconds()
         best: tuple[float, SourceState, SubId] | None = None
         for s in usable:
-            if s is f or not s.inflight or s.speed * ENDGAME_FACTOR > f.speed:
+            if s is f or not s.inflight or self._speed(s) * ENDGAME_FACTOR > self._speed(f):
                 continue
             # A source serves its requests in order: the k-th one in flight
             # is due k + 1 sub block times after the source began the first.
@@ -557,7 +572,7 @@ class Scheduler:
                     eta = math.inf
                 if best is None or eta > best[0]:
                     best = (eta, s, sid)
-        if best is not None and best[0] - now > f.rtt + self.g.sub_block_size / max(f.speed, 1.0):
+        if best is not None and best[0] - now > f.rtt + self.g.sub_block_size / max(self._speed(f), 1.0):
             f.queue.append(best[2])
 
     def _fill(self, out: list[Command]) -> None:
