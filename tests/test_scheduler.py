@@ -167,15 +167,15 @@ class Sim:
         return True
 
     def run(self, limit: float = 10_000.0, tick: bool = True) -> None:
-        """Run until nothing is left to deliver, calling C{tick()} every simulated second."""
-        next_tick = self.clock.seconds() + 1.0
+        """Run until nothing is left to deliver, calling C{tick()} every S.TICK simulated seconds, as the session does."""
+        next_tick = self.clock.seconds() + S.TICK
         while self.clock.seconds() < limit:
             if tick:
                 if self.step(until=next_tick):
                     continue
                 if self.clock.seconds() >= next_tick:
                     self.apply(self.sched.tick())
-                    next_tick += 1.0
+                    next_tick += S.TICK
                 if self.next_completion() is None and not self._stalled_work():
                     return
             elif not self.step():

@@ -35,7 +35,7 @@ from meshstream.scheduler import core as sched
 from meshstream.wire import frames as F
 from meshstream.wire.protocol import IPeerListener, PeerProtocol
 
-TICK = 1.0
+TICK = sched.TICK
 PING_EVERY = 2.0
 TRACKER_RETRY = 3.0
 ORIGIN_GRACE = 6.0

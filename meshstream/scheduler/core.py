@@ -63,11 +63,19 @@ from twisted.internet.interfaces import IReactorTime
 from meshstream.manifest import Geometry
 
 ALPHA = 0.3
+#: How often the session should call L{Scheduler.tick}, in seconds.
+TICK = 0.25
 DEFAULT_PIPELINE = 4
 DEFAULT_WINDOW = 2
 DEFAULT_HINT_RATE = 1024 * 1024.0
 MIN_STALL_TIMEOUT = 5.0
 ENDGAME_FACTOR = 2.0
+#: A source counts as overdue only past this much silence, whatever its rate:
+#: at loopback speeds a sub block takes well under a millisecond, and reactor
+#: jitter alone would otherwise trigger duplicates.
+OVERDUE_FLOOR = 0.25
+#: A sub block this much past its estimated arrival counts as late in the endgame.
+LATE_SLACK = 0.05
 
 SubId = tuple[int, int]  # (block, sub)
 
@@ -184,7 +192,8 @@ class SourceState:
     hint: float
     costly: bool = False
     pipeline: int = DEFAULT_PIPELINE
-    rate: float | None = None
+    rate: float | None = None  # the valuation index: measured, lowered by overdue silences
+    measured: float | None = None  # EWMA of delivered rate only
     rtt: float = 0.0
     queue: SubQueue = field(factory=SubQueue)
     inflight: dict[SubId, float] = field(factory=dict)
@@ -193,6 +202,7 @@ class SourceState:
     bytes: int = 0
     strikes: int = 0
     subs_done: int = 0
+    lost_races: int = 0  # endgame races lost in a row, with nothing delivered between
 
     @property
     def speed(self) -> float:
@@ -275,12 +285,18 @@ class Scheduler:
             last_progress=now,
         )
         out: list[Command] = []
-        if not costly and any(s.costly for s in self.sources.values() if s.key != key):
-            # A cheap source is back: take work off the costly ones.
-            for s in list(self.sources.values()):
-                if s.costly and s.queue:
-                    self._pool.extend(s.queue)
-                    s.queue.clear()
+        # Share out again everything queued but not yet requested, so that a
+        # source joining late gets its part of the blocks already in the
+        # window (and a cheap source back takes the work off costly ones).
+        queued: list[SubId] = []
+        for s in self.sources.values():
+            queued.extend(s.queue)
+            s.queue.clear()
+        by_block: dict[int, list[SubId]] = {}
+        for sid in sorted(set(queued)):
+            by_block.setdefault(sid[0], []).append(sid)
+        for subs in by_block.values():
+            self._distribute(subs, out)
         self._assign_pool(out)
         self._balance(out)
         self._fill(out)
@@ -369,10 +385,12 @@ class Scheduler:
             src.queue.discard(sid)
             src.bytes += nbytes
             src.subs_done += 1
+            src.lost_races = 0
             start = src.busy_since if src.busy_since is not None else sent
             if start is not None and now > start:
                 sample = nbytes / (now - start)
                 src.rate = sample if src.rate is None else (1 - ALPHA) * src.rate + ALPHA * sample
+                src.measured = sample if src.measured is None else (1 - ALPHA) * src.measured + ALPHA * sample
             src.busy_since = now if src.inflight else None
             src.last_progress = now
         return src
@@ -386,11 +404,22 @@ class Scheduler:
                 self.duplicated_bytes += nbytes
             return out
         self._done.add(sid)
-        # First copy wins: cancel any duplicate elsewhere.
-        for other in self.sources.values():
+        # First copy wins: cancel any duplicate elsewhere.  A loser that has
+        # delivered nothing for longer than it should have is measured by
+        # that silence, so a stalling source stops getting new shares.
+        for other in list(self.sources.values()):
             if other is not src and sid in other.inflight:
                 del other.inflight[sid]
+                self._note_silence(other)
                 out.append(Cancel(other.key, block, (sub,)))
+                other.lost_races += 1
+                silent = self.clock.seconds() - other.last_progress
+                if other.lost_races >= self.max_strikes and silent >= MIN_STALL_TIMEOUT / 2:
+                    # It keeps losing races and has delivered nothing for a
+                    # while: not slow but stalled.  Free its slot for another
+                    # node (its in-flight work went to the others already).
+                    out.append(Drop(other.key, f"stalled: lost {other.lost_races} races in a row"))
+                    out.extend(self.remove_source(other.key))
             other.queue.discard(sid)
         self._pool.discard(sid)
         self._missing[block] -= 1
@@ -422,7 +451,11 @@ class Scheduler:
         return out
 
     def tick(self) -> list[Command]:
-        """Call about once a second: detects stalled sources."""
+        """
+        Call a few times a second (see L{TICK}): drops stalled sources, and
+        looks again at idle ones, since with time passing a sub block in
+        flight elsewhere may have become overdue and worth duplicating.
+        """
         out: list[Command] = []
         now = self.clock.seconds()
         for src in list(self.sources.values()):
@@ -432,6 +465,15 @@ class Scheduler:
             if now - src.last_progress > self.stall_timeout(src):
                 out.append(Drop(src.key, f"stalled for {now - src.last_progress:.1f}s"))
                 out.extend(self.remove_source(src.key))
+            elif src.queue and self._speed(src) < src.speed:
+                # Overdue: what it has not started goes to the others now;
+                # what it has in flight is left to the endgame.
+                self._note_silence(src)
+                self._pool.extend(src.queue)
+                src.queue.clear()
+        self._assign_pool(out)
+        self._balance(out)
+        self._fill(out)
         return out
 
     def stall_timeout(self, src: SourceState) -> float:
@@ -440,7 +482,8 @@ class Scheduler:
         times what its full pipeline should take at its estimated rate, and
         never under L{MIN_STALL_TIMEOUT}.
         """
-        expected = src.rtt + self.g.sub_block_size / max(src.speed, 1.0)
+        rate = src.measured if src.measured is not None else src.hint
+        expected = src.rtt + self.g.sub_block_size / max(rate, 1.0)
         return max(MIN_STALL_TIMEOUT, 4 * expected * src.pipeline)
 
     # -- internals -------------------------------------------------------
@@ -470,7 +513,13 @@ class Scheduler:
                 return
             self._distribute(subs, out)
 
-    def _speed(self, src: SourceState) -> float:
+    def _note_silence(self, src: SourceState) -> None:
+        """Fold an overdue source's silence into its measured rate (see L{_speed})."""
+        v = self._speed(src, force=True)
+        if v < src.speed:
+            src.rate = v
+
+    def _speed(self, src: SourceState, force: bool = False) -> float:
         """
         The source's estimated rate, discounted while it is overdue: a source
         that has sent nothing for much longer than one sub block should take
@@ -479,15 +528,23 @@ class Scheduler:
         stall timeout drops it.
         """
         v = src.speed
-        if src.inflight:
+        if src.inflight or force:
             waited = self.clock.seconds() - src.last_progress
-            if waited > 2 * (src.rtt + self.g.sub_block_size / max(v, 1.0)):
+            if waited > max(OVERDUE_FLOOR, 2 * (src.rtt + self.g.sub_block_size / max(v, 1.0))):
                 v = min(v, self.g.sub_block_size / waited)
         return v
 
     def _weight(self, src: SourceState) -> float:
-        """The valuation index used to share work: the estimated rate (1 for all under the static policy)."""
-        return self._speed(src) if self.adaptive else 1.0
+        """
+        The valuation index used to share work: the estimated rate (1 for all
+        under the static policy).  A source that has lost an endgame race
+        without ever delivering a sub block gets no new work until it does.
+        """
+        if not self.adaptive:
+            return 1.0
+        if src.subs_done == 0 and src.lost_races > 0:
+            return 0.0
+        return self._speed(src)
 
     def _distribute(self, subs: list[SubId], out: list[Command]) -> None:
         targets = self.usable()
@@ -497,6 +554,9 @@ class Scheduler:
             return
         weights = [self._weight(s) for s in targets]
         total = sum(weights)
+        if total <= 0:  # nobody has earned work: share equally
+            weights = [1.0] * len(targets)
+            total = float(len(targets))
         exact = [len(subs) * w / total for w in weights]
         counts = [int(x) for x in exact]
         left = len(subs) - sum(counts)
@@ -519,14 +579,18 @@ class Scheduler:
             return
         pool = [sid for sid in self._pool if sid not in self._done]
         self._pool.clear()
-        total = sum(self._weight(s) for s in targets)
+        weight = {id(s): self._weight(s) for s in targets}
+        total = sum(weight.values())
+        if total <= 0:  # nobody has earned work: share equally
+            weight = {id(s): 1.0 for s in targets}
+            total = float(len(targets))
         i = 0
-        for src in sorted(targets, key=lambda s: -self._weight(s)):
-            n = round(len(pool) * self._weight(src) / total)
+        for src in sorted(targets, key=lambda s: -weight[id(s)]):
+            n = round(len(pool) * weight[id(src)] / total)
             src.queue.extend(pool[i : i + n])
             i += n
         if i < len(pool):
-            max(targets, key=self._weight).queue.extend(pool[i:])
+            max(targets, key=lambda s: weight[id(s)]).queue.extend(pool[i:])
 
     def _balance(self, out: list[Command]) -> None:
         """Claim 8: idle sources take over part of the slowest source's queue."""
@@ -566,9 +630,10 @@ class Scheduler:
                 if any(sid in o.inflight for o in usable if o is not s):
                     continue
                 eta = base + (k + 1) * per_sub
-                if eta + 2 * per_sub <= now:
-                    # Well overdue: the estimate was wrong (an unmeasured
-                    # hint, a stall in the making): the best one to duplicate.
+                if eta + LATE_SLACK <= now:
+                    # Late: the estimate was wrong (an unmeasured hint, a
+                    # stall in the making), so when it comes is unknown:
+                    # the best one to duplicate.
                     eta = math.inf
                 if best is None or eta > best[0]:
                     best = (eta, s, sid)
