@@ -28,6 +28,7 @@ from attrs import field, frozen
 
 from meshstream.agent.store import StoreError
 from meshstream.manifest import Manifest, ManifestError, load_public_key
+from meshstream.scheduler.core import DEFAULT_WINDOW
 
 
 class OutputFile:
@@ -115,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracker", help="tracker base URL: manifest by id, and more peers")
     p.add_argument("--tracker-key", help="the tracker's public key (base64) or a file holding it")
     p.add_argument("-o", "--output", required=True, help="where to write the content")
-    p.add_argument("--window", type=int, default=2, help="blocks in flight (1 = faithful mode)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="blocks in flight (1 = faithful mode)")
     p.add_argument("--pipeline", type=int, default=4, help="sub block requests outstanding per peer")
     p.add_argument("--max-peers", type=int, default=4, help="peers from the tracker to use at once")
     p.add_argument("--policy", choices=["adaptive", "static"], default="adaptive")

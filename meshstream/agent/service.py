@@ -52,6 +52,7 @@ from meshstream.manifest import (
     build_manifest,
     load_public_key,
 )
+from meshstream.scheduler.core import DEFAULT_WINDOW
 from meshstream.sources import fetch_range, make_agent
 from meshstream.tracker.client import TrackerClient
 from meshstream.wire.protocol import IPeerListener, PeerFactory, PeerProtocol, TokenBucket
@@ -76,7 +77,7 @@ class AgentConfig:
     max_peers: int = 4
     max_uploads: int = 32
     tracker_key: str | None = None
-    window: int = 2
+    window: int = DEFAULT_WINDOW
 
 
 def manifest_path_for(path: str) -> str:

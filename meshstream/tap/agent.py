@@ -14,6 +14,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from meshstream.scheduler.core import DEFAULT_WINDOW
+
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?(?:/s)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -48,7 +50,7 @@ class Options(usage.Options):
         ["upload-rate", None, None, "Upload limit for all peers together, e.g. 4M (bytes/s)."],
         ["max-peers", None, 4, "Peers to download from at once.", int],
         ["max-uploads", None, 32, "Peers to serve at once.", int],
-        ["window", None, 2, "Blocks in flight (1 = one block at a time).", int],
+        ["window", None, DEFAULT_WINDOW, "Blocks in flight (1 = one block at a time).", int],
     ]
 
     def __init__(self) -> None:
