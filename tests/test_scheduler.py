@@ -682,3 +682,66 @@ class StaticPolicyTests(SynchronousTestCase):
         slow = sum(1 for r in sim.requested if r[1] == "slow")
         self.assertEqual(slow, 16)
         self.assertRaises(ValueError, S.Scheduler, sim.g, sim.clock, policy="greedy")
+
+
+class StallTests(SynchronousTestCase):
+    """A source that accepts requests and never sends (the benchmark's 'one stalls')."""
+
+    M = 1 << 20
+
+    def run_with(self, stall: bool, window: int = S.DEFAULT_WINDOW) -> Sim:
+        sim = Sim(self, Geometry(64 * self.M, self.M, 64 * 1024), window=window)
+        for key, mult in (("a", 1), ("b", 2), ("c", 4), ("d", 8)):
+            sim.add(key, rate=mult * self.M)
+        if stall:
+            sim.add("stall", rate=0)
+        sim.start()
+        sim.run()
+        sim.assert_complete()
+        return sim
+
+    def test_stalled_source_costs_little(self) -> None:
+        ideal = 64 / 15
+        sim = self.run_with(stall=True)
+        assert sim.finished_at is not None
+        self.assertLess(sim.finished_at / ideal, 1.10)
+        self.assertNotIn("stall", set(sim.delivered.values()))
+        # It lost its races: after its first two pipelines, nothing more.
+        asked = [sid for _, key, sid in sim.requested if key == "stall"]
+        self.assertLessEqual(len(asked), 2 * S.DEFAULT_PIPELINE)
+
+    def test_without_stall_near_ideal(self) -> None:
+        sim = self.run_with(stall=False)
+        assert sim.finished_at is not None
+        self.assertLess(sim.finished_at / (64 / 15), 1.02)
+
+    def test_tick_duplicates_an_overdue_sub_block(self) -> None:
+        # Nothing arrives any more, so only tick() can notice the lateness.
+        sim = Sim(self, geometry(1, 4), window=1, pipeline=4)
+        sim.add("stuck", rate=0, hint=1000)
+        sim.add("fast", rate=100_000, hint=1000)
+        sim.start()
+        stuck = set(sim.sched.sources["stuck"].inflight)
+        self.assertTrue(stuck)
+        sim.run()
+        sim.assert_complete()
+        self.assertEqual({S.Cancel("stuck", 0, (s,)) for _, s in stuck}, set(sim.cancels))
+        self.assertEqual(sim.sched.sources["stuck"].lost_races, len(stuck))
+        self.assertEqual(sim.sched._weight(sim.sched.sources["stuck"]), 0.0)
+
+
+class LateJoinTests(SynchronousTestCase):
+    def test_queued_work_is_shared_with_a_late_source(self) -> None:
+        sim = Sim(self, geometry(2, 8), window=2, pipeline=2)
+        sched = S.Scheduler(sim.g, sim.clock, pipeline=2, window=2, policy="static")
+        sim.sched = sched
+        sim.add("first", rate=1000)
+        sim.start()
+        self.assertEqual(len(sched.sources["first"].queue) + len(sched.sources["first"].inflight), 16)
+        sim.add("late", rate=1000)
+        first, late = sched.sources["first"], sched.sources["late"]
+        # Everything not yet requested is split equally again.
+        self.assertEqual(len(first.queue) + len(first.inflight), 2 + 7)
+        self.assertEqual(len(late.queue) + len(late.inflight), 7)
+        sim.run(tick=False)
+        sim.assert_complete()
