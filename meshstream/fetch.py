@@ -196,7 +196,7 @@ async def _fetch(
     from meshstream.wire.protocol import PeerProtocol
 
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
+    pool.maxPersistentPerHost = 32
     agent = make_agent(reactor, pool)
     http = HTTPClient(agent)
     tracker = TrackerClient(http, args.tracker, reactor) if args.tracker else None

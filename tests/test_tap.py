@@ -44,7 +44,7 @@ class AgentOptionsTests(unittest.SynchronousTestCase):
                 max_peers=4,
                 max_uploads=32,
                 tracker_key=None,
-                window=8,
+                window=16,
             ),
         )
 
