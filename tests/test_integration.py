@@ -87,6 +87,7 @@ class Mesh:
         seeds: list[str] | None = None,
         upload_rate: float | None = None,
         stream: bool = False,
+        playback_deadline: float = 3.0,
     ) -> AgentService:
         config = AgentConfig(
             tracker=self.tracker_url,
@@ -97,6 +98,7 @@ class Mesh:
             node_id=name,
             upload_rate=upload_rate,
             tracker_key=self.key,
+            playback_deadline=playback_deadline,
         )
         agent = AgentService(config, reactor)
         agent.startService()
@@ -219,6 +221,34 @@ class MeshTests(unittest.TestCase):
         body = await treq.content(response)
         self.assertEqual(body, data)
         self.assertEqual(viewer.sessions[manifest.content_id].bytes_by_source, {"origin": len(data)})
+
+    def test_playback_deadline_brings_in_the_origin(self) -> Deferred[None]:
+        """
+        The only seed is far too slow for the player: blocks the player waits
+        on past the deadline come from the origin, while the seed keeps
+        serving the rest.
+        """
+        return ensureDeferred(self._deadline())
+
+    async def _deadline(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        origin_dir = os.path.join(mesh.root, "origin")
+        os.makedirs(origin_dir)
+        src = os.path.join(origin_dir, "movie.bin")
+        data = make_file(src, 2 * 1024 * 1024)
+        mesh.start_origin(origin_dir)
+        manifest = await mesh.publish(src, origin=True)
+        await mesh.agent("slow-seed", [mesh.seed_copy("slow-seed", src, manifest)], upload_rate=128 * 1024)
+        viewer = await mesh.agent("viewer", stream=True, playback_deadline=0.5)
+        response = await mesh.http.get(mesh.stream_url(viewer, manifest.content_id))
+        body = await treq.content(response)
+        self.assertEqual(body, data)
+        by_source = viewer.sessions[manifest.content_id].bytes_by_source
+        # At 128 KiB/s the seed alone would need 16 s; the origin took the late blocks.
+        self.assertGreater(by_source.get("origin", 0), len(data) // 2)
+        self.assertGreater(by_source.get("slow-seed", 0), 0)
+        self.assertEqual(sum(by_source.values()), len(data))
 
     def test_unknown_content_is_404(self) -> Deferred[None]:
         return ensureDeferred(self._unknown())

@@ -745,3 +745,24 @@ class LateJoinTests(SynchronousTestCase):
         self.assertEqual(len(late.queue) + len(late.inflight), 7)
         sim.run(tick=False)
         sim.assert_complete()
+
+
+class ExpediteTests(SynchronousTestCase):
+    def test_origin_takes_a_late_block(self) -> None:
+        clock = Clock()
+        sched = S.Scheduler(geometry(2, 4), clock, pipeline=2, window=2)
+        sched.add_source("peer", hint=1000.0)
+        first = sched.start()
+        self.assertEqual(first, [S.Request("peer", 0, (0, 1))])
+        # The costly origin joins: while the peer lives it gets nothing...
+        self.assertEqual(sched.add_source("origin", costly=True, pipeline=8), [])
+        # ...until block 0 is late: its queued sub blocks move, in-flight ones are duplicated.
+        out = sched.expedite("origin", 0)
+        self.assertEqual(out, [S.Request("origin", 0, (0, 1, 2, 3))])
+        self.assertEqual(len(sched.sources["peer"].queue), 4)  # block 1 stays with the peer
+        out = sched.received("origin", 0, 0, 1024)
+        self.assertIn(S.Cancel("peer", 0, (0,)), out)
+        self.assertEqual(sched.expedite("origin", 1), [S.Request("origin", 1, (0, 1, 2, 3))])
+        self.assertEqual(len(sched.sources["peer"].queue), 0)
+        self.assertEqual(sched.expedite("nobody", 0), [])
+        self.assertEqual(sched.expedite("origin", 5), [])

@@ -34,7 +34,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from meshstream.agent.session import DownloadSession, NodeLike
+from meshstream.agent.session import PLAYBACK_DEADLINE, DownloadSession, NodeLike
 from meshstream.agent.store import (
     AgentStore,
     SeedFile,
@@ -78,6 +78,7 @@ class AgentConfig:
     max_uploads: int = 32
     tracker_key: str | None = None
     window: int = DEFAULT_WINDOW
+    playback_deadline: float = PLAYBACK_DEADLINE
 
 
 def manifest_path_for(path: str) -> str:
@@ -381,6 +382,7 @@ class AgentService(Service):
             max_peers=self.config.max_peers,
             window=self.config.window,
             on_complete=self._session_complete,
+            deadline=self.config.playback_deadline,
             offload=lambda f, *a: threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), f, *a
             ),

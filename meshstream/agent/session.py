@@ -39,6 +39,10 @@ TICK = sched.TICK
 PING_EVERY = 2.0
 TRACKER_RETRY = 3.0
 ORIGIN_GRACE = 6.0
+#: Seconds a player may wait for a block before the origin is asked for it.
+PLAYBACK_DEADLINE = 3.0
+#: Blocks taken from the origin when one misses its deadline (it and the next ones).
+RESCUE_AHEAD = 4
 #: Sub blocks outstanding per HTTP source: one Range request carries a run of
 #: them (a whole block when only HTTP sources serve), so this is room for a few
 #: blocks' requests at once (bench/RESULTS.md: 16 -> 64 took 1 GiB from 4.0 s to 3.2 s).
@@ -166,6 +170,7 @@ class DownloadSession:
         on_block: Callable[[int], None] | None = None,
         origin_grace: float = ORIGIN_GRACE,
         offload: Offload | None = None,
+        deadline: float = PLAYBACK_DEADLINE,
     ) -> None:
         self.entry = entry
         self.manifest = entry.manifest
@@ -217,6 +222,10 @@ class DownloadSession:
         self._lookup: Deferred[None] | None = None
         self._no_peer_since: float | None = None
         self._origin_on = False
+        #: Blocks a player is waiting for, with the time it started waiting:
+        #: the playback deadlines of streaming mode.
+        self._wanted: dict[int, float] = {}
+        self.deadline = deadline
         self._stopped = False
         self._last_ping = 0.0
 
@@ -287,6 +296,7 @@ class DownloadSession:
 
         d = Deferred(cancel)
         self._waiters.setdefault(block, []).append(d)
+        self._wanted.setdefault(block, self.clock.seconds())
         return d
 
     def read(self, offset: int, length: int) -> bytes:
@@ -508,7 +518,8 @@ class DownloadSession:
         if nid in self.http:
             del self.http[nid]
             self.log.info("Dropping HTTP source {key}: {reason}", key=nid, reason=reason)
-            if nid in self._origins and not any(k in self.http for k in self._origins):
+            cheap = any(not s.costly for k, s in self.scheduler.sources.items() if k != nid)
+            if nid in self._origins and not cheap and not any(k in self.http for k in self._origins):
                 self._fail(DownloadFailed(f"the origin failed too: {reason}"))
             elif nid in self.scheduler.sources:
                 self._run(self.scheduler.remove_source(nid))
@@ -642,11 +653,33 @@ class DownloadSession:
         if self._fetch_range is None or not self._origins:
             self._fail(DownloadFailed(f"no source can serve {self.content_id[:12]} and it has no origin"))
             return
-        self._origin_on = True
         self.log.info("No peers left for {cid}: falling back to the origin", cid=self.content_id[:12])
+        self._add_origins()
+
+    def _add_origins(self) -> None:
+        self._origin_on = True
         for key, url in self._origins.items():
             self.http[key] = url
             self._run(self.scheduler.add_source(key, costly=True, pipeline=HTTP_PIPELINE, coarse=True))
+
+    def _check_deadlines(self, now: float) -> None:
+        """A block a player has waited on too long comes from the origin, peers or not."""
+        for block in [b for b in self._wanted if b < self.scheduler.next_block]:
+            del self._wanted[block]
+        if not self._wanted or self._fetch_range is None or not self._origins:
+            return
+        block = min(self._wanted)
+        if now - self._wanted[block] < self.deadline:
+            return
+        if not self._origin_on:
+            self._add_origins()
+        origin = next((k for k in self._origins if k in self.scheduler.sources), None)
+        if origin is not None:
+            self.log.info("Block {block} missed its playback deadline: asking the origin", block=block)
+            self._wanted[block] = now  # once per deadline period
+            # The player will want the next ones just as soon: rescue a few.
+            for b in range(block, min(block + RESCUE_AHEAD, self.manifest.num_blocks)):
+                self._run(self.scheduler.expedite(origin, b))
 
     # -- the scheduler's commands -----------------------------------------
 
@@ -688,6 +721,9 @@ class DownloadSession:
             return
         now = self.clock.seconds()
         self._run(self.scheduler.tick())
+        self._check_deadlines(now)
+        if self._stopped:
+            return
         if now - self._last_ping >= PING_EVERY:
             self._last_ping = now
             for peer in self.peers.values():

@@ -374,6 +374,31 @@ class Scheduler:
         self._check_starved(out)
         return out
 
+    def expedite(self, key: Hashable, block: int) -> list[Command]:
+        """
+        Block C{block} is about to miss its playback deadline: source C{key}
+        (typically the costly origin) takes every sub block of it that is not
+        done yet: queued ones move to it, in-flight ones are duplicated on it
+        (first verified copy wins, as in the endgame).
+        """
+        src = self.sources.get(key)
+        out: list[Command] = []
+        if src is None or not self._opened > block >= self._next_block:
+            return out
+        late = []
+        for sub in range(self.g.subs_in_block(block)):
+            sid = (block, sub)
+            if sid in self._done or sid in self._parked or sid in src.inflight:
+                continue
+            for other in self.sources.values():
+                other.queue.discard(sid)
+            self._pool.discard(sid)
+            late.append(sid)
+        for sid in reversed(late):  # at the head of its queue, in order
+            src.queue.appendleft(sid)
+        self._fill(out)
+        return out
+
     def begin_batch(self) -> None:
         """
         Several events are coming at once (a whole HTTP run, a whole block
