@@ -248,6 +248,7 @@ async def _fetch(
             origin_grace=args.origin_grace,
             offload=lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a),
         )
+        progress.by_source = session.bytes_by_source
         session.start()
         try:
             await session.done
@@ -271,6 +272,12 @@ async def _const(value: Any) -> Any:
     return value
 
 
+def _short(source: str) -> str:
+    """A source's name for the progress bar: host:port for URLs, as is otherwise."""
+    parts = urlsplit(source)
+    return parts.netloc or source
+
+
 class Progress:
     """A progress bar on stderr, or JSON lines on stdout for scripts and benchmarks."""
 
@@ -280,6 +287,8 @@ class Progress:
         self.block_size = block_size
         self.started = time.monotonic()
         self._shown = 0.0
+        #: Bytes per source so far (the session's own dict, read as it grows).
+        self.by_source: dict[str, int] = {}
 
     def block(self, block: int) -> None:
         done = min(self.size, (block + 1) * self.block_size)
@@ -292,8 +301,14 @@ class Progress:
             frac = done / self.size if self.size else 1.0
             fill = int(frac * 30)
             rate = done / t / 2**20 if t > 0 else 0.0
+            total = sum(self.by_source.values()) or 1
+            shares = " ".join(
+                f"{_short(name)}:{n / total:.0%}"
+                for name, n in sorted(self.by_source.items(), key=lambda kv: -kv[1])[:4]
+            )
             sys.stderr.write(
-                f"\r[{'#' * fill}{'.' * (30 - fill)}] {frac:6.1%} {done / 2**20:8.1f} MiB {rate:7.2f} MiB/s"
+                f"\r[{'#' * fill}{'.' * (30 - fill)}] {frac:6.1%} {done / 2**20:8.1f} MiB"
+                f" {rate:7.2f} MiB/s  {shares}\033[K"
             )
             sys.stderr.flush()
 
