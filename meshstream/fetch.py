@@ -20,37 +20,24 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
-from meshstream.agent.store import StoreError
+from meshstream.agent.store import StoreError, SubBlockFile
 from meshstream.manifest import Manifest, ManifestError, load_public_key
 from meshstream.scheduler.core import DEFAULT_WINDOW
 
 
-class OutputFile:
+class OutputFile(SubBlockFile):
     """A plain file as a session's sink: verified sub blocks land at their offsets."""
 
     def __init__(self, path: str, manifest: Manifest) -> None:
+        super().__init__(manifest)
         self.path = path
         self.part = path + ".part"
-        self.manifest = manifest
-        self.leaves: dict[int, list[bytes]] = {}
-        self._subs: dict[int, set[int]] = {}
         self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-
-    def has_sub(self, block: int, sub: int) -> bool:
-        return block in self.leaves or sub in self._subs.get(block, ())
-
-    def held_subs(self) -> Iterator[tuple[int, int]]:
-        return iter(())
-
-    def write(self, block: int, sub: int, data: bytes | memoryview, leaves: list[bytes]) -> bool:
-        self.store(block, sub, data)
-        return self.mark(block, sub, leaves)
 
     def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
         """Write one verified sub block's bytes; safe to call from a worker thread."""
@@ -59,16 +46,6 @@ class OutputFile:
                 raise OSError("short write")
         except OSError as e:
             raise StoreError(f"cannot write {self.part}: {e}") from e
-
-    def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool:
-        g = self.manifest.geometry
-        done = self._subs.setdefault(block, set())
-        done.add(sub)
-        if len(done) < g.subs_in_block(block):
-            return False
-        del self._subs[block]
-        self.leaves[block] = leaves
-        return True
 
     def read_range(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)

@@ -119,11 +119,68 @@ def verify_seed(path: str, manifest: Manifest) -> list[list[bytes]]:
     return leaves
 
 
-class CacheEntry:
+class SubBlockFile:
+    """
+    Which sub blocks of a content a file holds, block by block: the
+    bookkeeping shared by the scrambled cache and C{meshstream fetch}'s plain
+    output.  Subclasses write the bytes (L{store}, safe in a worker thread)
+    and may log each completed block (L{_block_done}).
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        #: Leaf lists of the complete blocks.
+        self.leaves: dict[int, list[bytes]] = {}
+        self._subs: dict[int, set[int]] = {}
+
+    @property
+    def complete(self) -> bool:
+        return len(self.leaves) == self.manifest.num_blocks
+
+    def has_block(self, block: int) -> bool:
+        return block in self.leaves
+
+    def has_sub(self, block: int, sub: int) -> bool:
+        return block in self.leaves or sub in self._subs.get(block, ())
+
+    def held_subs(self) -> Iterator[tuple[int, int]]:
+        g = self.manifest.geometry
+        for b in self.leaves:
+            for s in range(g.subs_in_block(b)):
+                yield (b, s)
+
+    def write(self, block: int, sub: int, data: bytes | memoryview, leaves: list[bytes]) -> bool:
+        """
+        Store one verified sub block; return True when that completed its
+        block.  Raises L{StoreError} when the disk refuses; nothing is marked
+        held in that case.
+        """
+        self.store(block, sub, data)
+        return self.mark(block, sub, leaves)
+
+    def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool:
+        """Record a stored sub block as held; True when that completed its block."""
+        done = self._subs.setdefault(block, set())
+        done.add(sub)
+        if len(done) < self.manifest.geometry.subs_in_block(block):
+            return False
+        del self._subs[block]
+        self._block_done(block, leaves)
+        self.leaves[block] = leaves
+        return True
+
+    def _block_done(self, block: int, leaves: list[bytes]) -> None:
+        """Every sub block of C{block} is stored (before it counts as held)."""
+
+
+class CacheEntry(SubBlockFile):
     """One content in the scrambled cache, complete or not."""
 
     def __init__(self, directory: str, manifest: Manifest, scrambler: Scrambler) -> None:
-        self.manifest = manifest
+        super().__init__(manifest)
         self.cid = manifest.content_id
         self._scrambler = scrambler
         base = os.path.join(directory, self.cid)
@@ -136,8 +193,6 @@ class CacheEntry:
                 f.write(manifest.to_json())
             os.replace(tmp, man_path)
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.leaves: dict[int, list[bytes]] = {}
-        self._subs: dict[int, set[int]] = {}
         self._load_index()
         self._idx = open(self.idx_path, "ab")
 
@@ -168,31 +223,6 @@ class CacheEntry:
             self._offset = end
             yield block, [body[i : i + 32] for i in range(0, len(body), 32)]
 
-    @property
-    def complete(self) -> bool:
-        return len(self.leaves) == self.manifest.num_blocks
-
-    def has_block(self, block: int) -> bool:
-        return block in self.leaves
-
-    def has_sub(self, block: int, sub: int) -> bool:
-        return block in self.leaves or sub in self._subs.get(block, ())
-
-    def held_subs(self) -> Iterator[tuple[int, int]]:
-        g = self.manifest.geometry
-        for b in self.leaves:
-            for s in range(g.subs_in_block(b)):
-                yield (b, s)
-
-    def write(self, block: int, sub: int, data: bytes | memoryview, leaves: list[bytes]) -> bool:
-        """
-        Store one verified sub block; return True when that completed its
-        block (whose leaves are then logged).  Raises L{StoreError} when the
-        disk refuses; nothing is marked held in that case.
-        """
-        self.store(block, sub, data)
-        return self.mark(block, sub, leaves)
-
     def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
         """Scramble and write one verified sub block's bytes; safe to call from a worker thread."""
         offset = self.manifest.geometry.sub_offset(block, sub)
@@ -203,21 +233,13 @@ class CacheEntry:
         except OSError as e:
             raise StoreError(f"cannot write {self.data_path}: {e.strerror or e}") from e
 
-    def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool:
-        """Record a stored sub block as held; True when that completed (and logged) its block."""
-        g = self.manifest.geometry
-        done = self._subs.setdefault(block, set())
-        done.add(sub)
-        if len(done) < g.subs_in_block(block):
-            return False
-        del self._subs[block]
+    def _block_done(self, block: int, leaves: list[bytes]) -> None:
+        """Log the block's leaves: from now on a restart finds it held."""
         try:
             self._idx.write(_REC.pack(block, len(leaves)) + b"".join(leaves))
             self._idx.flush()
         except OSError as e:
             raise StoreError(f"cannot write {self.idx_path}: {e.strerror or e}") from e
-        self.leaves[block] = leaves
-        return True
 
     def read(self, block: int, sub: int) -> bytes:
         g = self.manifest.geometry

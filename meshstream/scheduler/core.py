@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IReactorTime
@@ -173,15 +173,14 @@ class SubQueue:
         self._live.discard(sid)
 
     def popleft(self) -> SubId:
-        while True:
-            sid = self._items.popleft()
-            if sid in self._live:
-                self._live.remove(sid)
-                return sid
+        return self._take(self._items.popleft)
 
     def pop(self) -> SubId:
+        return self._take(self._items.pop)
+
+    def _take(self, pop: Callable[[], SubId]) -> SubId:
         while True:
-            sid = self._items.pop()
+            sid = pop()
             if sid in self._live:
                 self._live.remove(sid)
                 return sid
