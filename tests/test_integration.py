@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import treq
@@ -249,6 +250,40 @@ class MeshTests(unittest.TestCase):
         self.assertGreater(by_source.get("origin", 0), len(data) // 2)
         self.assertGreater(by_source.get("slow-seed", 0), 0)
         self.assertEqual(sum(by_source.values()), len(data))
+
+    def test_fetch_by_content_id_through_the_tracker(self) -> Deferred[None]:
+        """`meshstream fetch CONTENT_ID --tracker URL --tracker-key KEY` finds the seeds itself."""
+        return ensureDeferred(self._fetch_by_id())
+
+    async def _fetch_by_id(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        src = os.path.join(mesh.root, "content.bin")
+        data = make_file(src, 3 * 1024 * 1024 + 5)
+        manifest = await mesh.publish(src)
+        for name in ("seed-1", "seed-2"):
+            await mesh.agent(name, [mesh.seed_copy(name, src, manifest)], upload_rate=4 * 2**20)
+        out = os.path.join(mesh.root, "fetched.bin")
+        argv = ["-m", "meshstream.cli", "fetch", manifest.content_id, "--tracker", mesh.tracker_url]
+        stdout, stderr, code = await getProcessOutputAndValue(
+            sys.executable,
+            [*argv, "--tracker-key", mesh.key, "-o", out, "--progress", "json"],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, stderr)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), data)
+        final = json.loads(stdout.decode().splitlines()[-1])
+        self.assertEqual(set(final["bytes_by_source"]), {"seed-1", "seed-2"})
+        # A wrong tracker key: the manifest is refused and nothing is written.
+        other = public_key_text(load_or_create_key(os.path.join(mesh.root, "other.key")).public_key())
+        os.unlink(out)
+        stdout, stderr, code = await getProcessOutputAndValue(
+            sys.executable, [*argv, "--tracker-key", other, "-o", out], env=os.environ
+        )
+        self.assertEqual(code, 1)
+        self.assertIn(b"signature", stderr)
+        self.assertFalse(os.path.exists(out))
 
     def test_unknown_content_is_404(self) -> Deferred[None]:
         return ensureDeferred(self._unknown())
