@@ -39,10 +39,10 @@ class OutputFile(SubBlockFile):
         self.part = path + ".part"
         self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 
-    def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
-        """Write one verified sub block's bytes; safe to call from a worker thread."""
+    def _write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Write verified bytes; safe to call from a worker thread."""
         try:
-            if os.pwrite(self._fd, data, self.manifest.geometry.sub_offset(block, sub)) != len(data):
+            if os.pwrite(self._fd, data, offset) != len(data):
                 raise OSError("short write")
         except OSError as e:
             raise StoreError(f"cannot write {self.part}: {e}") from e

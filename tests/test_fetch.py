@@ -135,6 +135,22 @@ class FetchTests(unittest.TestCase):
         self.assertEqual(progress[-1], len(self.data))
         self.assertEqual(len(progress), self.manifest.num_blocks)
 
+    def test_mirrors_only_with_a_liar(self) -> Deferred[None]:
+        """Only HTTP sources: whole blocks per mirror, checked against their roots; the liar is caught."""
+        return ensureDeferred(self._mirrors())
+
+    async def _mirrors(self) -> None:
+        good, bad = self.http("good"), self.http("bad")
+        code, lines, out, err = await self.fetch(
+            "--manifest", self.manifest_path, "--source", bad, "--source", good
+        )
+        self.assertEqual(code, 0, err)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        final = lines[-1]
+        self.assertEqual(final["bytes_by_source"], {good: len(self.data)})
+        self.assertGreater(final["rejected_bytes"], 0)
+
     def test_origin_fallback_and_static_policy(self) -> Deferred[None]:
         return ensureDeferred(self._origin())
 

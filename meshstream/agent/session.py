@@ -68,6 +68,9 @@ class BlockSink(Protocol):
     def store(self, block: int, sub: int, data: Buffer) -> None:
         """Write the bytes only (thread-safe); L{mark} records them."""
 
+    def store_run(self, block: int, first_sub: int, data: Buffer) -> None:
+        """Write contiguous sub blocks in one go (thread-safe)."""
+
     def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool: ...
 
     def read_range(self, offset: int, length: int) -> bytes: ...
@@ -565,9 +568,53 @@ class DownloadSession:
         # reactor keeps receiving while another core checks the bytes.
         leaves = self.leaves.get(block)
         offload = self._offload or maybeDeferred
-        d = offload(_check_and_store, self.entry, block, run, data, leaves)
-        d.addCallback(self._http_checked, key, block, run, data, leaves is not None)
-        d.addErrback(self._store_failed)
+        g = self.manifest.geometry
+        if leaves is None and len(run) == g.subs_in_block(block) and block not in self._parked:
+            # A whole block with no hash list: check it against its root and
+            # store it in one write, all in the worker; nothing to park.
+            root = self.manifest.block_roots[block]
+            whole: Deferred[list[bytes] | None] = offload(
+                _check_block_and_store, self.entry, block, data, root
+            )
+            whole.addCallback(self._http_block_checked, key, block, run, data)
+            whole.addErrback(self._store_failed)
+            return
+        part: Deferred[list[tuple[int, bytes, bool]]] = offload(
+            _check_and_store, self.entry, block, run, data, leaves
+        )
+        part.addCallback(self._http_checked, key, block, run, data, leaves is not None)
+        part.addErrback(self._store_failed)
+
+    def _http_block_checked(
+        self, leaves: list[bytes] | None, key: str, block: int, run: list[int], data: Buffer
+    ) -> None:
+        """Back on the reactor with a whole block: stored and its leaves, or None if it did not match."""
+        if self._stopped:
+            return
+        g = self.manifest.geometry
+        with self._batched_http():
+            if leaves is None:
+                self.rejected_bytes += len(data)
+                self.log.warn("Block {block} from {source} does not match its root", block=block, source=key)
+                for sub in run:
+                    self._run(self.scheduler.failed(key, block, sub, strike=False))
+                self._run(self.scheduler.strike(key))
+                return
+            self.leaves.setdefault(block, leaves)
+            for sub in run:
+                n = g.sub_length(block, sub)
+                if not self.scheduler.is_done(block, sub):
+                    try:
+                        self.entry.mark(block, sub, leaves)
+                    except StoreError as e:
+                        self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
+                        return
+                    self.bytes_by_source[key] = self.bytes_by_source.get(key, 0) + n
+                self._run(self.scheduler.received(key, block, sub, n))
+                if self._stopped:
+                    return
+            if block in self._parked:
+                self._release_parked(block)
 
     def _http_checked(
         self,
@@ -785,3 +832,22 @@ def _store_all(sink: BlockSink, block: int, pieces: list[tuple[int, Buffer]]) ->
     """In a worker thread: write verified sub blocks of one block."""
     for sub, data in pieces:
         sink.store(block, sub, data)
+
+
+def _check_block_and_store(sink: BlockSink, block: int, data: Buffer, root: bytes) -> list[bytes] | None:
+    """
+    In a worker thread: a whole block from an HTTP source.  Hash its sub
+    blocks, check the leaves against the manifest's root, and store the block
+    in one write when it matches.  Returns the leaves, or None.
+    """
+    g = sink.manifest.geometry
+    leaves = []
+    offset = 0
+    for sub in range(g.subs_in_block(block)):
+        n = g.sub_length(block, sub)
+        leaves.append(leaf_hash(data[offset : offset + n]))
+        offset += n
+    if root_hash(leaves) != root:
+        return None
+    sink.store_run(block, 0, data)
+    return leaves

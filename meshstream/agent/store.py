@@ -159,6 +159,14 @@ class SubBlockFile:
         return self.mark(block, sub, leaves)
 
     def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
+        """Write one verified sub block's bytes; safe to call from a worker thread."""
+        self._write_at(self.manifest.geometry.sub_offset(block, sub), data)
+
+    def store_run(self, block: int, first_sub: int, data: bytes | memoryview) -> None:
+        """Write verified contiguous sub blocks from C{first_sub} on, in one write."""
+        self._write_at(self.manifest.geometry.sub_offset(block, first_sub), data)
+
+    def _write_at(self, offset: int, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
     def mark(self, block: int, sub: int, leaves: list[bytes]) -> bool:
@@ -223,9 +231,8 @@ class CacheEntry(SubBlockFile):
             self._offset = end
             yield block, [body[i : i + 32] for i in range(0, len(body), 32)]
 
-    def store(self, block: int, sub: int, data: bytes | memoryview) -> None:
-        """Scramble and write one verified sub block's bytes; safe to call from a worker thread."""
-        offset = self.manifest.geometry.sub_offset(block, sub)
+    def _write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Scramble and write verified bytes; safe to call from a worker thread."""
         try:
             n = os.pwrite(self._fd, self._scrambler.apply(self.cid, offset, data), offset)
             if n != len(data):
