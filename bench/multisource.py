@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -634,6 +635,70 @@ http {{
                 proc.wait()
 
 
+async def _run_meshstream(
+    reactor: Any,
+    args: argparse.Namespace,
+    rdir: str,
+    mirrors: Mirrors,
+    size: int,
+    content: Content,
+    man_path: str,
+) -> Result:
+    out = os.path.join(rdir, "out-meshstream.bin")
+    cmd = [*fetch_command(args), "--manifest", man_path, "-o", out, "--progress", "json"]
+    for url in mirrors.urls:
+        cmd += ["--source", url]
+    cmd += args.fetch_extra
+    mode = f"meshstream, 4 {mirrors.kind}"
+    res = Result("raw 4 unthrottled", mode, size)
+    res.sources = list(mirrors.urls)
+    if args.verbose:
+        print(f"  $ {' '.join(cmd)}", file=sys.stderr)
+    proto, code, wall = await run_fetch(
+        reactor, cmd, max(FETCH_TIMEOUT_MIN, size / MiB / 5), lambda b, s: None
+    )
+    fill_result(res, proto, code, wall, out, content.sha256)
+    res.goals = {"dup_pct": GOALS["dup_pct"], "last_pct": GOALS["last_pct"]}
+    if os.path.exists(out):
+        os.unlink(out)
+    return res
+
+
+async def _run_aria(reactor: Any, aria: str, rdir: str, mirrors: Mirrors, size: int, sha256: str) -> Result:
+    ares = Result("raw 4 unthrottled", f"aria2c -x4 -s4, 4 {mirrors.kind}", size)
+    aout = "out-aria2c.bin"
+    acmd = [
+        aria,
+        "-x4",
+        "-s4",
+        "-k1M",
+        "--file-allocation=none",
+        "--no-conf",
+        "--allow-overwrite=true",
+        "--auto-file-renaming=false",
+        "--summary-interval=0",
+        "--console-log-level=warn",
+        "-d",
+        rdir,
+        "-o",
+        aout,
+        *mirrors.urls,
+    ]
+    ares.sources = list(mirrors.urls)
+    start = time.monotonic()
+    aproc = await _spawn_simple(reactor, acmd)
+    ares.wall_seconds = ares.seconds = time.monotonic() - start
+    ares.exit_code = aproc
+    apath = os.path.join(rdir, aout)
+    ares.sha256_ok = os.path.exists(apath) and sha256_file(apath) == sha256
+    ares.ok = aproc == 0 and bool(ares.sha256_ok)
+    if not ares.ok:
+        ares.error = f"aria2c exit {aproc}, sha256_ok={ares.sha256_ok}"
+    if os.path.exists(apath):
+        os.unlink(apath)
+    return ares
+
+
 async def run_raw(reactor: Any, args: argparse.Namespace, workdir: str) -> list[Result]:
     size = args.raw_size
     rdir = tempfile.mkdtemp(prefix="raw-", dir=workdir)
@@ -645,57 +710,23 @@ async def run_raw(reactor: Any, args: argparse.Namespace, workdir: str) -> list[
         man_path = os.path.join(rdir, "raw.manifest.json")
         with open(man_path, "wb") as f:
             f.write(content.manifest.to_json())
-        out = os.path.join(rdir, "out-meshstream.bin")
-        cmd = [*fetch_command(args), "--manifest", man_path, "-o", out, "--progress", "json"]
-        for url in mirrors.urls:
-            cmd += ["--source", url]
-        cmd += args.fetch_extra
-        mode = f"meshstream, 4 {mirrors.kind}"
-        res = Result("raw 4 unthrottled", mode, size)
-        res.sources = list(mirrors.urls)
-        if args.verbose:
-            print(f"  $ {' '.join(cmd)}", file=sys.stderr)
-        proto, code, wall = await run_fetch(
-            reactor, cmd, max(FETCH_TIMEOUT_MIN, size / MiB / 5), lambda b, s: None
-        )
-        fill_result(res, proto, code, wall, out, content.sha256)
-        res.goals = {"dup_pct": GOALS["dup_pct"], "last_pct": GOALS["last_pct"]}
+        # aria2c runs first and meshstream second, then both again, and the
+        # faster of each pair counts: the first download after writing the
+        # 1 GiB content pays for the kernel settling its memory, whoever it is.
         with_aria = shutil.which("aria2c")
-        if os.path.exists(out):
-            os.unlink(out)
+        ares: Result | None = None
+        res: Result | None = None
+        for _round in range(2):
+            if with_aria:
+                a = await _run_aria(reactor, with_aria, rdir, mirrors, size, content.sha256)
+                if ares is None or (a.ok and (a.wall_seconds or math.inf) < (ares.wall_seconds or math.inf)):
+                    ares = a
+            m = await _run_meshstream(reactor, args, rdir, mirrors, size, content, man_path)
+            if res is None or (m.ok and (m.wall_seconds or math.inf) < (res.wall_seconds or math.inf)):
+                res = m
+        assert res is not None
         results.append(res)
-        if with_aria:
-            ares = Result("raw 4 unthrottled", f"aria2c -x4 -s4, 4 {mirrors.kind}", size)
-            aout = "out-aria2c.bin"
-            acmd = [
-                with_aria,
-                "-x4",
-                "-s4",
-                "-k1M",
-                "--file-allocation=none",
-                "--no-conf",
-                "--allow-overwrite=true",
-                "--auto-file-renaming=false",
-                "--summary-interval=0",
-                "--console-log-level=warn",
-                "-d",
-                rdir,
-                "-o",
-                aout,
-                *mirrors.urls,
-            ]
-            ares.sources = list(mirrors.urls)
-            start = time.monotonic()
-            aproc = await _spawn_simple(reactor, acmd)
-            ares.wall_seconds = ares.seconds = time.monotonic() - start
-            ares.exit_code = aproc
-            apath = os.path.join(rdir, aout)
-            ares.sha256_ok = os.path.exists(apath) and sha256_file(apath) == content.sha256
-            ares.ok = aproc == 0 and bool(ares.sha256_ok)
-            if not ares.ok:
-                ares.error = f"aria2c exit {aproc}, sha256_ok={ares.sha256_ok}"
-            if os.path.exists(apath):
-                os.unlink(apath)
+        if ares is not None:
             results.append(ares)
             # Raw speed compares wall clocks: aria2c has no self-reported time.
             ms, ar = res.wall_seconds, ares.wall_seconds
