@@ -23,7 +23,12 @@ class Options(usage.Options):
     longdesc = "Run the meshstream tracker (HTTP/JSON API on twisted.web)."
 
     optParameters: list[list[Any]] = [
-        ["db", None, "sqlite:meshstream-tracker.sqlite", "Database URL (sqlite:PATH)."],
+        [
+            "db",
+            None,
+            "sqlite:meshstream-tracker.sqlite",
+            "Database URL: sqlite:PATH or postgresql://USER:PASSWORD@HOST:PORT/DBNAME.",
+        ],
         [
             "key",
             None,

@@ -3,14 +3,28 @@
 The tracker's database: manifests, nodes and what each node holds.
 
 Every call returns a Deferred; the work runs on L{adbapi.ConnectionPool}'s
-thread.  SQLite is the only backend for now, but the seams a PostgreSQL
-backend needs are in place:
+threads, one transaction per call.  Two backends, same schema and migrations:
+
+  - SQLite (C{sqlite:PATH}, the embedded default): WAL journal, one
+    connection;
+  - PostgreSQL (C{postgresql://...} or C{postgres://...}, through psycopg 3):
+    a few connections; several tracker processes may share one database.
+
+How they differ is kept in two places:
 
   - every statement is in L{_SQL} and uses C{?} placeholders, written in the
-    SQL both engines accept (C{INSERT ... ON CONFLICT ... DO ...});
+    SQL both engines accept (C{INSERT ... ON CONFLICT ... DO ...},
+    C{DELETE ... RETURNING});
   - L{Dialect.sql} rewrites placeholders for a driver's paramstyle (C{qmark}
-    for sqlite3, C{format} for psycopg), the single place that knows;
-  - L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
+    for sqlite3, C{format} for psycopg) and column types (C{REAL} is a 4-byte
+    float in PostgreSQL, so it becomes C{DOUBLE PRECISION}); the
+    L{Dialect} also says how a transaction begins and how the migration is
+    serialised between processes (C{pg_advisory_xact_lock}).
+
+L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
+
+Write transactions touch C{nodes} before C{holdings}, so that concurrent
+announces, leaves and purges from several trackers lock rows in one order.
 
 Schema (version 1)::
 
@@ -22,10 +36,13 @@ Schema (version 1)::
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.enterprise import adbapi
@@ -35,6 +52,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 SCHEMA_VERSION = 1
+
+# Connections (and threads) per PostgreSQL pool; SQLite uses one.
+POSTGRES_POOL_SIZE = 4
 
 # Stay well below SQLite's host-parameter limit (999 before 3.32).
 _IN_CHUNK = 500
@@ -47,23 +67,65 @@ class StoreError(Exception):
     """The database cannot be used (bad URL, newer schema, closed store)."""
 
 
+# Any constant will do: it only has to be the same for every tracker process.
+_MIGRATION_LOCK_KEY = 0x6D657368  # "mesh"
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
 @frozen
 class DatabaseURL:
-    """A parsed C{--db} value."""
+    """
+    A parsed C{--db} value.
+
+    C{scheme} is C{"sqlite"} (C{path} is the file) or C{"postgresql"}
+    (C{path} is the whole libpq URL, handed to psycopg unchanged).
+    """
 
     scheme: str
     path: str
 
 
+def _redacted(url: str) -> str:
+    """C{url} without its password, for error messages."""
+    return re.sub(r"^([a-z]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _parse_postgres_url(url: str) -> DatabaseURL:
+    shown = _redacted(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a bad port
+    except ValueError as e:
+        raise StoreError(f"bad PostgreSQL URL {shown!r}: {e}") from None
+    if not parts.path.strip("/"):
+        raise StoreError(
+            f"PostgreSQL URL {shown!r} names no database (postgresql://USER:PASSWORD@HOST:PORT/DBNAME)"
+        )
+    try:
+        importlib.import_module("psycopg")
+    except ImportError as e:
+        raise StoreError(
+            f"a PostgreSQL --db needs psycopg 3 ({e}); install it with: pip install 'meshstream[postgres]'"
+        ) from None
+    return DatabaseURL("postgresql", url)
+
+
 def parse_db_url(url: str) -> DatabaseURL:
     """
-    Parse C{sqlite:PATH}; raise L{StoreError} for anything else.
-
-    (C{postgresql://...} would be parsed here too once that backend exists.)
+    Parse C{sqlite:PATH}, C{postgresql://USER:PASSWORD@HOST:PORT/DBNAME} or
+    C{postgres://...}; raise L{StoreError} for anything else, for a
+    PostgreSQL URL without a database name and when psycopg is missing.
     """
     scheme, sep, rest = url.partition(":")
+    if sep and scheme in _POSTGRES_SCHEMES:
+        if not rest.startswith("//"):
+            raise StoreError(f"bad PostgreSQL URL {_redacted(url)!r} (expected postgresql://...)")
+        return _parse_postgres_url(url)
     if not sep or scheme != "sqlite":
-        raise StoreError(f"unsupported database URL {url!r} (expected sqlite:PATH)")
+        raise StoreError(
+            f"unsupported database URL {_redacted(url)!r} (expected sqlite:PATH or postgresql://...)"
+        )
     if not rest or rest == ":memory:":
         raise StoreError("sqlite URL needs a file path: sqlite:PATH")
     return DatabaseURL(scheme, rest)
@@ -79,9 +141,17 @@ class Dialect:
     # begins one only at the first DML statement; an explicit BEGIN makes
     # migrations and read-then-write interactions atomic.
     explicit_begin: bool = False
+    # Column types spelt differently: {written in _SQL: used here}.
+    types: tuple[tuple[str, str], ...] = ()
+    # Run first in the migration transaction, so that trackers starting at
+    # once on one database migrate one after the other.  (SQLite needs none:
+    # the first DDL statement takes the file's write lock.)
+    migration_lock: str | None = None
 
     def sql(self, statement: str) -> str:
         """Rewrite a C{?}-placeholder statement for this driver."""
+        for written, used in self.types:
+            statement = re.sub(rf"\b{written}\b", used, statement)
         if self.paramstyle == "qmark":
             return statement
         if self.paramstyle == "format":
@@ -90,6 +160,14 @@ class Dialect:
 
 
 SQLITE = Dialect("sqlite", "qmark", explicit_begin=True)
+POSTGRESQL = Dialect(
+    "postgresql",
+    "format",
+    # psycopg opens a transaction at the first statement (autocommit off).
+    explicit_begin=False,
+    types=(("REAL", "DOUBLE PRECISION"),),
+    migration_lock=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})",
+)
 
 
 class _SQL:
@@ -135,8 +213,8 @@ class _SQL:
         " FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
         " WHERE h.content_id = ? AND n.last_seen >= ?"
     )
-    purge_holdings = "DELETE FROM holdings WHERE node_id IN (SELECT node_id FROM nodes WHERE last_seen < ?)"
-    purge_nodes = "DELETE FROM nodes WHERE last_seen < ?"
+    purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
+    purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
     count_nodes = "SELECT COUNT(*) FROM nodes"
 
 
@@ -237,6 +315,8 @@ class TrackerStore:
 
     def _migrate(self, txn: Cursor) -> int:
         self._begin(txn)
+        if self._dialect.migration_lock is not None:
+            txn.execute(self._dialect.migration_lock)
         txn.execute(self._q(_SQL.create_schema_version))
         txn.execute(self._q(_SQL.get_schema_version))
         row = txn.fetchone()
@@ -336,9 +416,10 @@ class TrackerStore:
 
         def run(txn: Cursor) -> bool:
             self._begin(txn)
-            txn.execute(self._q(_SQL.delete_holdings), (node_id,))
             txn.execute(self._q(_SQL.delete_node), (node_id,))
-            return bool(txn.rowcount)
+            known = bool(txn.rowcount)
+            txn.execute(self._q(_SQL.delete_holdings), (node_id,))
+            return known
 
         return self._interaction(run)
 
@@ -365,9 +446,13 @@ class TrackerStore:
 
         def run(txn: Cursor) -> int:
             self._begin(txn)
-            txn.execute(self._q(_SQL.purge_holdings), (seen_before,))
             txn.execute(self._q(_SQL.purge_nodes), (seen_before,))
-            return max(0, int(txn.rowcount))
+            gone = [str(row[0]) for row in txn.fetchall()]
+            for i in range(0, len(gone), _IN_CHUNK):
+                chunk = gone[i : i + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                txn.execute(self._q(_SQL.purge_holdings.format(marks=marks)), tuple(chunk))
+            return len(gone)
 
         return self._interaction(run)
 
@@ -394,9 +479,21 @@ def open_store(url: str, reactor: IReactorCore) -> TrackerStore:
     """
     Build a (not yet started) store for a C{--db} URL.
 
-    Raises L{StoreError} for URLs it cannot serve.
+    Raises L{StoreError} for URLs it cannot serve.  Nothing connects yet:
+    a PostgreSQL server that cannot be reached fails L{TrackerStore.start}.
     """
     parsed = parse_db_url(url)
+    if parsed.scheme == "postgresql":
+        pg_pool = adbapi.ConnectionPool(
+            "psycopg",
+            parsed.path,
+            cp_min=1,
+            cp_max=POSTGRES_POOL_SIZE,
+            cp_reconnect=True,  # a connection the server dropped is reopened
+            cp_reactor=reactor,
+            cp_noisy=False,
+        )
+        return TrackerStore(pg_pool, POSTGRESQL)
     pool = adbapi.ConnectionPool(
         "sqlite3",
         parsed.path,
