@@ -363,15 +363,7 @@ class Scheduler:
         if key is None or sid in self._done:
             return out
         self._pool.appendleft(sid)
-        src = self.sources.get(key)
-        if strike:
-            out.extend(self.strike(key))
-            if key not in self.sources:
-                return out
-        self._assign_pool(out, avoid=src)
-        self._fill(out)
-        self._check_starved(out)
-        return out
+        return self._after_fault(key, strike, out)
 
     def expedite(self, key: Hashable, block: int) -> list[Command]:
         """
@@ -493,12 +485,16 @@ class Scheduler:
             src.busy_since = None
         if sid not in self._done and not self._held_elsewhere(sid, src):
             self._pool.appendleft(sid)
+        return self._after_fault(key, strike, out)
+
+    def _after_fault(self, key: Hashable, strike: bool, out: list[Command]) -> list[Command]:
+        """A sub block from C{key} went back to the pool: strike C{key}, give the work to others."""
+        src = self.sources.get(key)
         if strike:
             out.extend(self.strike(key))
             if key not in self.sources:
                 return out
-        # Prefer others for the failed sub block.
-        self._assign_pool(out, avoid=src)
+        self._assign_pool(out, avoid=src)  # prefer others for the returned sub block
         self._fill(out)
         self._check_starved(out)
         return out
