@@ -5,6 +5,7 @@ The C{meshstream} command.
     meshstream publish FILE [--tracker URL] [--origin URL]... [-o MANIFEST]
     meshstream fetch (CONTENT_ID | --manifest FILE) [--source URL]... [--tracker URL] -o OUT
     meshstream demo [--file FILE] [--size 32M] [--rates 2M,4M,8M] [--kill-at 0.5]
+    meshstream tracker user (add|list|disable|enable|passwd|quota) ... [--db URL]
 
 Both run the reactor themselves (L{twisted.internet.task.react}); this is an
 entry point, like the taps, so it may read the global reactor.
@@ -50,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE)
     pub.add_argument("--sub-block-size", type=_size, default=DEFAULT_SUB_BLOCK_SIZE)
     pub.add_argument("--name", help="content name (default: the file's name)")
+    from meshstream.fetch import add_login_arguments
+
+    add_login_arguments(pub)
 
     fetch = sub.add_parser("fetch", help="download a content from peers and HTTP sources into a file")
     from meshstream.fetch import add_arguments
@@ -64,6 +68,11 @@ def parser() -> argparse.ArgumentParser:
         "--kill-at", type=float, default=0.5, help="stop the fastest seed at this fraction (0 = never)"
     )
     demo.add_argument("--keep", action="store_true", help="keep the working directory")
+
+    tracker = sub.add_parser("tracker", help="administer a tracker's database (users)")
+    from meshstream.tracker.admin import add_arguments as add_tracker_arguments
+
+    add_tracker_arguments(tracker)
     return p
 
 
@@ -73,6 +82,13 @@ def publish(args: argparse.Namespace) -> int:
         print(f"meshstream publish: no such file: {path}", file=sys.stderr)
         return 2
     mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    from meshstream.tracker.client import load_credentials
+
+    try:
+        credentials = load_credentials(args.user, args.password_file)
+    except ValueError as e:
+        print(f"meshstream publish: {e}", file=sys.stderr)
+        return 2
     try:
         manifest, _ = build_manifest(
             path,
@@ -96,7 +112,7 @@ def publish(args: argparse.Namespace) -> int:
 
             from meshstream.tracker.client import TrackerClient
 
-            client = TrackerClient(treq, args.tracker, reactor)
+            client = TrackerClient(treq, args.tracker, reactor, credentials=credentials)
             d = client.register_manifest(manifest)
             d.addCallbacks(result.append, lambda f: errors.append(f.getErrorMessage()))
             return d
@@ -130,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshstream.demo import run_demo
 
         return run_demo(args)
+    if args.command == "tracker":
+        from meshstream.tracker.admin import run_tracker_command
+
+        return run_tracker_command(args)
     return 2
 
 

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -147,6 +148,16 @@ async def _wait_for(
         await deferLater(reactor, 0.2, lambda: None)
 
 
+def _add_account(db: str, name: str, role: str, password_file: str) -> None:
+    """C{meshstream tracker user add} in a child process (blocking)."""
+    subprocess.run(
+        [sys.executable, "-m", "meshstream.cli", "tracker", "user", "add", name,
+         "--role", role, "--db", db, "--password-file", password_file],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def _demo(
     reactor: Any, args: argparse.Namespace, workdir: str, daemons: Daemons, outcome: list[int]
 ) -> None:
@@ -154,7 +165,7 @@ async def _demo(
     from twisted.internet import threads
 
     from meshstream.manifest import build_manifest, public_key_text
-    from meshstream.tracker.client import TrackerClient
+    from meshstream.tracker.client import Credentials, TrackerClient
 
     try:
         rates = [r.strip() for r in args.rates.split(",") if r.strip()]
@@ -179,6 +190,18 @@ async def _demo(
             want = hashlib.file_digest(src, "sha256").hexdigest()
         print(f"meshstream demo: {os.path.basename(path)}, {size / 2**20:.1f} MiB, sha256 {want[:16]}…")
 
+        # The tracker's accounts, made with the admin command before it runs:
+        # a publisher, and one user per box, all with one random password.
+        db = f"sqlite:{os.path.join(workdir, 'tracker.sqlite')}"
+        password_file = os.path.join(workdir, "password")
+        password = secrets.token_urlsafe(16)
+        with open(os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as secret:
+            secret.write(password.encode("ascii") + b"\n")
+        rates_given = [r.strip() for r in args.rates.split(",") if r.strip()]
+        box_names = [f"seed-{i}" for i in range(1, len(rates_given) + 1)] + ["viewer"]
+        for account, role in [("publisher", "server"), *((n, "user") for n in box_names)]:
+            await threads.deferToThread(_add_account, db, account, role, password_file)
+
         origin_port, tracker_port = free_port(), free_port()
         origin_url = f"http://127.0.0.1:{origin_port}/{os.path.basename(path)}"
         daemons.start(
@@ -192,7 +215,7 @@ async def _demo(
                 "--listen",
                 f"tcp:{tracker_port}:interface=127.0.0.1",
                 "--db",
-                f"sqlite:{os.path.join(workdir, 'tracker.sqlite')}",
+                db,
                 "--key",
                 os.path.join(workdir, "tracker.key"),
                 "--announce-interval",
@@ -208,7 +231,7 @@ async def _demo(
         print(f"  tracker  {tracker_url}   origin  {origin_url}")
 
         # 2. Publish: hash, register, keep the signed manifest beside the seed copies.
-        tracker = TrackerClient(treq, tracker_url, reactor)
+        tracker = TrackerClient(treq, tracker_url, reactor, credentials=Credentials("publisher", password))
         key = public_key_text(await tracker.public_key())
         manifest, _ = await threads.deferToThread(
             build_manifest, path, origins=[origin_url], meta={"mime_type": "application/octet-stream"}
@@ -236,6 +259,8 @@ async def _demo(
                     "--tracker", tracker_url,
                     "--tracker-key", key,
                     "--node-id", name,
+                    "--user", name,
+                    "--password-file", password_file,
                     "--data-dir", os.path.join(home, "data"),
                     "--listen", f"tcp:{port}:interface=127.0.0.1",
                     "--advertise", f"127.0.0.1:{port}",
@@ -246,8 +271,7 @@ async def _demo(
             )  # fmt: skip
 
         async def seeds_listed() -> bool:
-            doc = await _get_json(treq, f"{tracker_url}/api/v1/contents/{cid}/nodes")
-            return len(doc["nodes"]) >= len(names)
+            return len(await tracker.nodes(cid)) >= len(names)
 
         await _wait_for(reactor, daemons, "the seeds to announce", seeds_listed)
         print(
@@ -264,6 +288,8 @@ async def _demo(
                 "--tracker", tracker_url,
                 "--tracker-key", key,
                 "--node-id", "viewer",
+                "--user", "viewer",
+                "--password-file", password_file,
                 "--data-dir", os.path.join(workdir, "viewer"),
                 "--listen", f"tcp:{viewer_port}:interface=127.0.0.1",
                 "--advertise", f"127.0.0.1:{viewer_port}",

@@ -28,6 +28,7 @@ from attrs import field, frozen
 from meshstream.agent.store import StoreError, SubBlockFile
 from meshstream.manifest import Manifest, ManifestError, load_public_key
 from meshstream.scheduler.core import DEFAULT_WINDOW
+from meshstream.tracker.client import Credentials, load_credentials
 
 
 class OutputFile(SubBlockFile):
@@ -86,12 +87,21 @@ def parse_source(url: str) -> PeerAddress | str:
     raise ValueError(f"unknown source {url!r}: use meshstream://HOST:PORT or an http(s):// URL")
 
 
+def add_login_arguments(p: argparse.ArgumentParser) -> None:
+    """C{--user} and C{--password-file}: the tracker account to log in as."""
+    p.add_argument("--user", help="tracker account to log in as")
+    p.add_argument(
+        "--password-file", help="file whose first line is the password (default: $MESHSTREAM_PASSWORD)"
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("content_id", nargs="?", help="content id (needs --tracker)")
     p.add_argument("--manifest", help="a manifest file (signed or not) instead of a content id")
     p.add_argument("--source", action="append", default=[], help="meshstream://HOST:PORT or http(s):// URL")
     p.add_argument("--tracker", help="tracker base URL: manifest by id, and more peers")
     p.add_argument("--tracker-key", help="the tracker's public key (base64) or a file holding it")
+    add_login_arguments(p)
     p.add_argument("-o", "--output", required=True, help="where to write the content")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="blocks in flight (1 = faithful mode)")
     p.add_argument("--pipeline", type=int, default=4, help="sub block requests outstanding per peer")
@@ -119,6 +129,7 @@ def run_fetch(args: argparse.Namespace) -> int:
         print("meshstream fetch: --window, --pipeline and --max-peers are at least 1", file=sys.stderr)
         return 2
     try:
+        credentials = load_credentials(args.user, args.password_file)
         sources = [parse_source(u) for u in args.source]
         key = None
         if args.tracker_key:
@@ -144,7 +155,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     def main(reactor: Any) -> Any:
         from twisted.internet.defer import ensureDeferred
 
-        return ensureDeferred(_fetch(reactor, args, manifest, key, sources, outcome))
+        return ensureDeferred(_fetch(reactor, args, manifest, key, sources, credentials, outcome))
 
     try:
         task.react(main)
@@ -159,6 +170,7 @@ async def _fetch(
     manifest: Manifest | None,
     key: Any,
     sources: list[PeerAddress | str],
+    credentials: Credentials | None,
     outcome: list[int],
 ) -> None:
     from treq.client import HTTPClient
@@ -176,7 +188,7 @@ async def _fetch(
     pool.maxPersistentPerHost = 32
     agent = make_agent(reactor, pool)
     http = HTTPClient(agent)
-    tracker = TrackerClient(http, args.tracker, reactor) if args.tracker else None
+    tracker = TrackerClient(http, args.tracker, reactor, credentials=credentials) if args.tracker else None
     node_id = "fetch-" + uuid.uuid4().hex[:8]
     sink: OutputFile | None = None
     try:

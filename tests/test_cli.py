@@ -12,7 +12,9 @@ from twisted.trial import unittest
 
 from meshstream import cli
 from meshstream.manifest import Manifest
+from meshstream.tracker import auth
 from meshstream.tracker.service import build_tracker_service, load_or_create_key
+from tests._accounts import make_user
 
 reactor = _reactor
 
@@ -57,10 +59,18 @@ class PublishTests(unittest.TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         (port,) = await service.listening()
+        await service.ready()
+        creds = await make_user(service.store, "pub", auth.SERVER)
         url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "meshstream.cli", "publish", self.path, "--tracker", url], env=os.environ
+        env = {**os.environ, "MESHSTREAM_PASSWORD": creds.password}
+        args = ["-m", "meshstream.cli", "publish", self.path, "--tracker", url, "--user", "pub"]
+        # A wrong password: a clear failure.
+        _, err, code = await getProcessOutputAndValue(
+            sys.executable, args, env={**env, "MESHSTREAM_PASSWORD": "wrong"}
         )
+        self.assertEqual(code, 1)
+        self.assertIn(b"wrong user name or password", err)
+        out, err, code = await getProcessOutputAndValue(sys.executable, args, env=env)
         self.assertEqual(code, 0, err)
         with open(self.path + ".manifest.json", "rb") as f:
             manifest = Manifest.from_json(f.read())
@@ -69,8 +79,17 @@ class PublishTests(unittest.TestCase):
         # An unreachable tracker: a clear failure, exit code 1.
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-m", "meshstream.cli", "publish", self.path, "--tracker", "http://127.0.0.1:9"],
-            env=os.environ,
+            [
+                "-m",
+                "meshstream.cli",
+                "publish",
+                self.path,
+                "--tracker",
+                "http://127.0.0.1:9",
+                "--user",
+                "pub",
+            ],
+            env=env,
         )
         self.assertEqual(code, 1)
         self.assertIn(b"registering with the tracker failed", err)

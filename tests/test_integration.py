@@ -27,8 +27,10 @@ from twisted.web.static import File
 
 from meshstream.agent.service import AgentConfig, AgentService, manifest_path_for
 from meshstream.manifest import Manifest, build_manifest, public_key_text
+from meshstream.tracker import auth
 from meshstream.tracker.client import TrackerClient
 from meshstream.tracker.service import build_tracker_service, load_or_create_key
+from tests._accounts import make_user
 
 reactor: Any = _reactor
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -57,6 +59,8 @@ class Mesh:
         service.startService()
         self.case.addCleanup(service.stopService)
         await service.ready()
+        self.tracker_store = service.store
+        self.publisher = await make_user(service.store, "publisher", auth.SERVER)
         (port,) = await service.listening()
         self.tracker_url = f"http://127.0.0.1:{port.getHost().port}"
         self.key = public_key_text(key.public_key())
@@ -69,7 +73,7 @@ class Mesh:
     async def publish(self, path: str, origin: bool = False) -> Manifest:
         origins = [self.origin_url + os.path.basename(path)] if origin else []
         manifest, _ = build_manifest(path, BLOCK, SUB, origins=origins, meta={"mime_type": "video/mp4"})
-        client = TrackerClient(self.http, self.tracker_url, reactor)
+        client = TrackerClient(self.http, self.tracker_url, reactor, credentials=self.publisher)
         signed: Manifest = await client.register_manifest(manifest)
         return signed
 
@@ -99,6 +103,7 @@ class Mesh:
             node_id=name,
             upload_rate=upload_rate,
             tracker_key=self.key,
+            credentials=await make_user(self.tracker_store, f"owner-of-{name}"),
             playback_deadline=playback_deadline,
         )
         agent = AgentService(config, reactor)
@@ -264,11 +269,14 @@ class MeshTests(unittest.TestCase):
         for name in ("seed-1", "seed-2"):
             await mesh.agent(name, [mesh.seed_copy(name, src, manifest)], upload_rate=4 * 2**20)
         out = os.path.join(mesh.root, "fetched.bin")
+        viewer = await make_user(mesh.tracker_store, "viewer")
         argv = ["-m", "meshstream.cli", "fetch", manifest.content_id, "--tracker", mesh.tracker_url]
+        argv += ["--user", viewer.user]
+        env = {**os.environ, "MESHSTREAM_PASSWORD": viewer.password}
         stdout, stderr, code = await getProcessOutputAndValue(
             sys.executable,
             [*argv, "--tracker-key", mesh.key, "-o", out, "--progress", "json"],
-            env=os.environ,
+            env=env,
         )
         self.assertEqual(code, 0, stderr)
         with open(out, "rb") as f:
@@ -279,7 +287,7 @@ class MeshTests(unittest.TestCase):
         other = public_key_text(load_or_create_key(os.path.join(mesh.root, "other.key")).public_key())
         os.unlink(out)
         stdout, stderr, code = await getProcessOutputAndValue(
-            sys.executable, [*argv, "--tracker-key", other, "-o", out], env=os.environ
+            sys.executable, [*argv, "--tracker-key", other, "-o", out], env=env
         )
         self.assertEqual(code, 1)
         self.assertIn(b"signature", stderr)

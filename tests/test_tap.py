@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -9,6 +11,7 @@ from twisted.trial import unittest
 
 from meshstream.agent.service import AgentConfig, AgentService
 from meshstream.tap import agent as agent_tap
+from meshstream.tracker.client import Credentials
 
 
 class PluginTests(unittest.SynchronousTestCase):
@@ -22,13 +25,16 @@ class PluginTests(unittest.SynchronousTestCase):
 
 
 class AgentOptionsTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.patch(os, "environ", {**os.environ, "MESHSTREAM_PASSWORD": "pw"})
+
     def parse(self, *argv: str) -> agent_tap.Options:
         options = agent_tap.Options()
         options.parseOptions(list(argv))
         return options
 
     def test_defaults(self) -> None:
-        options = self.parse("--tracker", "http://t:7070")
+        options = self.parse("--tracker", "http://t:7070", "--user", "alice")
         config = agent_tap.config_from_options(options)
         self.assertEqual(
             config,
@@ -44,6 +50,7 @@ class AgentOptionsTests(unittest.SynchronousTestCase):
                 max_peers=4,
                 max_uploads=32,
                 tracker_key=None,
+                credentials=Credentials("alice", "pw"),
                 window=16,
             ),
         )
@@ -51,6 +58,7 @@ class AgentOptionsTests(unittest.SynchronousTestCase):
     def test_repeatable_and_rates(self) -> None:
         options = self.parse(
             "--tracker=http://t",
+            "--user=alice",
             "--listen=tcp:1",
             "--listen=ssl:2:privateKey=k.pem",
             "--seed=a.mp4",
@@ -75,11 +83,31 @@ class AgentOptionsTests(unittest.SynchronousTestCase):
 
     def test_errors(self) -> None:
         self.assertRaises(usage.UsageError, self.parse)
-        self.assertRaises(usage.UsageError, self.parse, "--tracker=http://t", "--max-peers=0")
-        self.assertRaises(usage.UsageError, self.parse, "--tracker=http://t", "--upload-rate=lots")
+        user = "--user=alice"
+        self.assertRaises(usage.UsageError, self.parse, "--tracker=http://t", user, "--max-peers=0")
+        self.assertRaises(usage.UsageError, self.parse, "--tracker=http://t", user, "--upload-rate=lots")
+
+    def test_credentials(self) -> None:
+        """The password comes from --password-file, else $MESHSTREAM_PASSWORD; --user is required."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("from the file\nsecond line ignored\n")
+        options = self.parse("--tracker=http://t", "--user=bob", f"--password-file={path}")
+        self.assertEqual(options["credentials"], Credentials("bob", "from the file"))
+        self.assertNotIn("from the file", repr(options["credentials"]))
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--tracker=http://t")
+        self.assertIn("--user is required", str(e.exception))
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--tracker=http://t", "--user=bob", "--password-file=/nonexistent/pw")
+        self.assertIn("cannot read the password file", str(e.exception))
+        self.patch(os, "environ", {})
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--tracker=http://t", "--user=bob")
+        self.assertIn("MESHSTREAM_PASSWORD", str(e.exception))
 
     def test_make_service(self) -> None:
-        service = agent_tap.makeService(self.parse("--tracker=http://t", "--node-id=n1"))
+        service = agent_tap.makeService(self.parse("--tracker=http://t", "--user=a", "--node-id=n1"))
         self.assertIsInstance(service, AgentService)
         assert isinstance(service, AgentService)
         self.assertEqual(service.config.node_id, "n1")

@@ -36,7 +36,16 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from meshstream.errors import TrackerError, UnknownContent
 from meshstream.manifest import Manifest
 from meshstream.tap import tracker as tap
-from meshstream.tracker.api import ApiError, BoundedRequest, parse_address, parse_announce, parse_nodes_query
+from meshstream.tracker import auth
+from meshstream.tracker.api import (
+    DEFAULT_TOKEN_TTL,
+    TOKEN_CACHE_SECONDS,
+    ApiError,
+    BoundedRequest,
+    parse_address,
+    parse_announce,
+    parse_nodes_query,
+)
 from meshstream.tracker.client import TrackerClient
 from meshstream.tracker.service import (
     TrackerKeyError,
@@ -44,9 +53,12 @@ from meshstream.tracker.service import (
     build_tracker_service,
     load_or_create_key,
 )
-from meshstream.tracker.store import StoreError, parse_db_url
+from meshstream.tracker.store import SCHEMA_VERSION, StoreError, parse_db_url
+from tests._accounts import PASSWORD, make_user
 from tests._pg import SKIP_PG, pg_query, pg_schema_url
 
+TABLES = {"manifests", "nodes", "holdings", "schema_version", "users", "tokens"}
+ALL_VERSIONS = [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 INTERVAL = 30.0
 EXPIRE_AFTER = 3
 START = 1_000_000.0
@@ -130,19 +142,37 @@ class _TrackerHTTPMixin:
         host = ports[0].getHost()
         assert isinstance(host, IPv4Address)
         self.base = f"http://127.0.0.1:{host.port}"
-        self.client = TrackerClient(self.http, self.base, reactor)
         await self.service.ready()
+        self.admin = await make_user(self.service.store, "admin", auth.ADMIN)
+        self.client = TrackerClient(self.http, self.base, reactor, credentials=self.admin)
+        self.token = await self.client.login()
 
     # -- helpers -------------------------------------------------------------
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, Any]:
-        response = await self.http.request(method, self.base + path, data=body)
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, token: str | None = ""
+    ) -> tuple[int, Any, Any]:
+        """
+        One request, with the admin's token unless C{token} is given
+        (None: no Authorization header).
+        """
+        token = self.token if token == "" else token
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        response = await self.http.request(method, self.base + path, data=body, headers=headers)
         raw = await response.content()
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         return response.code, json.loads(raw), response.headers
 
-    async def assert_error(self, method: str, path: str, body: bytes | None, status: int, code: str) -> None:
-        got_status, doc, _ = await self.request(method, path, body)
+    async def assert_error(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        status: int,
+        code: str,
+        token: str | None = "",
+    ) -> None:
+        got_status, doc, _ = await self.request(method, path, body, token)
         self.assertEqual((got_status, doc["error"]["code"]), (status, code), doc)
         self.assertEqual(set(doc), {"error"})
         self.assertEqual(set(doc["error"]), {"code", "message"})
@@ -161,7 +191,7 @@ class _TrackerHTTPMixin:
 
     async def test_health(self) -> None:
         status, doc, _ = await self.request("GET", "/api/v1/health")
-        self.assertEqual((status, doc), (200, {"status": "ok", "schema": 1}))
+        self.assertEqual((status, doc), (200, {"status": "ok", "schema": SCHEMA_VERSION}))
 
     async def test_register_fetch_verify(self) -> None:
         manifest = make_manifest(1)
@@ -232,6 +262,117 @@ class _TrackerHTTPMixin:
                 ],
             },
         )
+
+    # -- authentication ----------------------------------------------------
+
+    async def login(self, name: str, password: str = PASSWORD) -> tuple[int, Any]:
+        body = json.dumps({"user": name, "password": password}).encode()
+        status, doc, _ = await self.request("POST", "/api/v1/login", body, token=None)
+        return status, doc
+
+    async def user_client(self, name: str, role: str = auth.USER) -> TrackerClient:
+        creds = await make_user(self.service.store, name, role)
+        return TrackerClient(self.http, self.base, reactor, credentials=creds)
+
+    async def test_login_gives_an_expiring_token(self) -> None:
+        await make_user(self.service.store, "alice")
+        status, doc = await self.login("alice")
+        self.assertEqual(status, 200)
+        self.assertEqual(set(doc), {"token", "expires_in", "user", "role"})
+        self.assertEqual((doc["user"], doc["role"], doc["expires_in"]), ("alice", "user", DEFAULT_TOKEN_TTL))
+        status, me, _ = await self.request("GET", "/api/v1/me", token=doc["token"])
+        self.assertEqual((status, me), (200, {"user": "alice", "role": "user", "quota_bytes": None}))
+        # The store keeps only a digest of the token.
+        self.assertIsNone(await self.service.store.token_principal(doc["token"]))
+
+    async def test_bad_credentials(self) -> None:
+        await make_user(self.service.store, "alice")
+        for name, password in (("alice", "wrong"), ("nobody", PASSWORD)):
+            status, doc = await self.login(name, password)
+            self.assertEqual((status, doc["error"]["code"]), (401, "bad_credentials"))
+        for body in (b"{", b"[]", b'{"user": "alice"}', b'{"user": "a b", "password": "x"}'):
+            await self.assert_error(
+                "POST", "/api/v1/login", body, 400, "bad_json" if body == b"{" else "bad_request"
+            )
+
+    async def test_disabled_user(self) -> None:
+        """A disabled user cannot log in, and their tokens stop working."""
+        creds = await make_user(self.service.store, "alice")
+        _, doc = await self.login("alice")
+        token = doc["token"]
+        await self.service.store.update_user("alice", disabled=True)
+        status, doc = await self.login("alice", creds.password)
+        self.assertEqual((status, doc["error"]["code"]), (403, "user_disabled"))
+        # Revoked in the store; this process notices when its cache entry lapses.
+        self.clock.advance(TOKEN_CACHE_SECONDS)
+        await self.assert_error("GET", "/api/v1/me", None, 401, "bad_token", token=token)
+
+    async def test_calls_need_a_valid_token(self) -> None:
+        cid = await self.register(40)
+        body = json.dumps({"node_id": "n1", "address": "10.0.0.1:7000", "contents": [cid]}).encode()
+        status, doc, headers = await self.request("POST", "/api/v1/announce", body, token=None)
+        self.assertEqual((status, doc["error"]["code"]), (401, "unauthenticated"))
+        self.assertEqual(headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="meshstream"'])
+        await self.assert_error("POST", "/api/v1/announce", body, 401, "bad_token", token="forged")
+        await self.assert_error(
+            "GET", f"/api/v1/contents/{cid}/nodes", None, 401, "unauthenticated", token=None
+        )
+        await self.assert_error("GET", f"/api/v1/manifests/{cid}", None, 401, "unauthenticated", token=None)
+        # Expired.
+        self.clock.advance(DEFAULT_TOKEN_TTL)
+        await self.assert_error("POST", "/api/v1/announce", body, 401, "token_expired")
+        # Nothing was stored by the refused announces.
+        self.assertEqual(await self.service.store.count_nodes(), 0)
+        # Public endpoints stay public.
+        status, _, _ = await self.request("GET", "/api/v1/key", token=None)
+        self.assertEqual(status, 200)
+
+    async def test_roles(self) -> None:
+        """Only publishers (admin, server) register manifests."""
+        viewer = await self.user_client("viewer")
+        with self.assertRaises(TrackerError) as e:
+            await viewer.register_manifest(make_manifest(41))
+        self.assertEqual((e.exception.status, e.exception.code), (403, "forbidden"))
+        with self.assertRaises(UnknownContent):
+            await self.client.get_manifest(make_manifest(41).content_id)
+        server = await self.user_client("cdn", auth.SERVER)
+        signed = await server.register_manifest(make_manifest(41))
+        self.assertEqual(await viewer.get_manifest(signed.content_id), signed)
+
+    async def test_node_belongs_to_its_user(self) -> None:
+        cid = await self.register(42)
+        alice, bob = await self.user_client("alice"), await self.user_client("bob")
+        await alice.announce("box-1", "10.0.0.1:7000", [cid], {})
+        with self.assertRaises(TrackerError) as e:
+            await bob.announce("box-1", "10.6.6.6:7000", [cid], {})
+        self.assertEqual((e.exception.status, e.exception.code), (403, "node_owned"))
+        with self.assertRaises(TrackerError) as e:
+            await bob.leave("box-1")
+        self.assertEqual(e.exception.code, "node_owned")
+        nodes = await bob.nodes(cid)
+        self.assertEqual([(n.node_id, n.host) for n in nodes], [("box-1", "10.0.0.1")])
+        await alice.leave("box-1")
+        await bob.announce("box-1", "10.6.6.6:7000", [cid], {})  # free again
+
+    async def test_logout_revokes(self) -> None:
+        alice = await self.user_client("alice")
+        token = await alice.login()
+        status, _, _ = await self.request("POST", "/api/v1/logout", b"", token=token)
+        self.assertEqual(status, 200)
+        await self.assert_error("GET", "/api/v1/me", None, 401, "bad_token", token=token)
+
+    async def test_client_logs_in_again(self) -> None:
+        """A client with credentials replaces an expired or revoked token by itself."""
+        alice = await self.user_client("alice")
+        first = await alice.login()
+        self.clock.advance(DEFAULT_TOKEN_TTL + 1)
+        me = await alice.whoami()
+        self.assertEqual(me["user"], "alice")
+        self.assertNotEqual(alice.token, first)
+        anonymous = TrackerClient(self.http, self.base, reactor)
+        with self.assertRaises(TrackerError) as e:
+            await anonymous.whoami()
+        self.assertEqual((e.exception.status, e.exception.code), (401, "unauthenticated"))
 
     async def test_announce_replaces_holdings(self) -> None:
         a, b = await self.register(6), await self.register(7)
@@ -417,12 +558,12 @@ class TrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         return f"sqlite:{self.db_path}"
 
     async def test_schema_version_and_wal(self) -> None:
-        """After start the file has schema_version 1, the tables and WAL mode."""
+        """After start the file has every schema version, the tables and WAL mode."""
         conn = sqlite3.connect(self.db_path)
         try:
-            self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+            self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), ALL_VERSIONS)
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            self.assertTrue({"manifests", "nodes", "holdings", "schema_version"} <= tables)
+            self.assertEqual(tables, TABLES)
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         finally:
             conn.close()
@@ -437,8 +578,8 @@ class PostgresTrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         return pg_schema_url(self)
 
     async def test_schema_version_and_types(self) -> None:
-        """After start the schema has schema_version 1, the tables, and doubles for times."""
-        self.assertEqual(pg_query(self.db, "SELECT version FROM schema_version"), [(1,)])
+        """After start the schema has every version, the tables, and doubles for times."""
+        self.assertEqual(pg_query(self.db, "SELECT version FROM schema_version"), ALL_VERSIONS)
         columns = dict(
             pg_query(
                 self.db,
@@ -449,10 +590,8 @@ class PostgresTrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         self.assertEqual(columns["manifests.created"], "double precision")
         self.assertEqual(columns["nodes.last_seen"], "double precision")
         self.assertEqual(columns["holdings.content_id"], "text")
-        self.assertEqual(
-            {name.partition(".")[0] for name in columns},
-            {"manifests", "nodes", "holdings", "schema_version"},
-        )
+        self.assertEqual(columns["users.quota_bytes"], "bigint")
+        self.assertEqual({name.partition(".")[0] for name in columns}, TABLES)
 
 
 class AnnounceValidatorTests(unittest.SynchronousTestCase):

@@ -18,8 +18,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from meshstream.tracker import auth
 from meshstream.tracker.client import TrackerClient
 from meshstream.tracker.service import TrackerService, build_tracker_service
+from meshstream.tracker.store import SCHEMA_VERSION
+from tests._accounts import make_user
 from tests._pg import SKIP_PG, pg_query, pg_schema_url
 from tests.test_tracker_api import EXPIRE_AFTER, INTERVAL, START, make_manifest
 
@@ -57,6 +60,10 @@ class TwoTrackersTests(unittest.TestCase):
             assert isinstance(host, IPv4Address)
             self.clients.append(TrackerClient(http, f"http://127.0.0.1:{host.port}", reactor))
         self.versions = await gatherResults([s.ready() for s in self.services])
+        # One account, made through tracker a's store, logs in at both.
+        admin = await make_user(self.services[0].store, "admin", auth.ADMIN)
+        for client in self.clients:
+            client.credentials = admin
         self.a, self.b = self.clients
 
     async def both(self, cid: str) -> list[list[tuple[str, str, int, float]]]:
@@ -69,8 +76,11 @@ class TwoTrackersTests(unittest.TestCase):
 
     async def test_one_migration(self) -> None:
         """Started together on an empty schema, the trackers migrate it once."""
-        self.assertEqual(self.versions, [1, 1])
-        self.assertEqual(pg_query(self.db, "SELECT version FROM schema_version"), [(1,)])
+        self.assertEqual(self.versions, [SCHEMA_VERSION, SCHEMA_VERSION])
+        self.assertEqual(
+            pg_query(self.db, "SELECT version FROM schema_version"),
+            [(v,) for v in range(1, SCHEMA_VERSION + 1)],
+        )
 
     async def test_manifest_registered_at_a_served_by_b(self) -> None:
         manifest = make_manifest(1)

@@ -54,7 +54,7 @@ from meshstream.manifest import (
 )
 from meshstream.scheduler.core import DEFAULT_WINDOW
 from meshstream.sources import fetch_range, make_agent
-from meshstream.tracker.client import TrackerClient
+from meshstream.tracker.client import Credentials, TrackerClient
 from meshstream.wire.protocol import IPeerListener, PeerFactory, PeerProtocol, TokenBucket
 
 log = Logger()
@@ -77,6 +77,7 @@ class AgentConfig:
     max_peers: int = 4
     max_uploads: int = 32
     tracker_key: str | None = None
+    credentials: Credentials | None = None
     window: int = DEFAULT_WINDOW
     playback_deadline: float = PLAYBACK_DEADLINE
 
@@ -164,7 +165,9 @@ class AgentService(Service):
         self._pool = HTTPConnectionPool(self.reactor, persistent=True)
         self._agent = make_agent(self.reactor, self._pool)
         self.http = HTTPClient(Agent(self.reactor, pool=self._pool))
-        self.tracker = TrackerClient(self.http, cfg.tracker.rstrip("/"), self.clock)
+        self.tracker = TrackerClient(
+            self.http, cfg.tracker.rstrip("/"), self.clock, credentials=cfg.credentials
+        )
         self.tracker_key = yield self._trusted_key()
         self.store.load_cache(self._check_signed)
         for path in cfg.seeds:

@@ -29,7 +29,7 @@ def parse_rate(text: str) -> float:
 
 
 class Options(usage.Options):
-    synopsis = "--tracker URL --data-dir DIR [options]"
+    synopsis = "--tracker URL --user NAME [--password-file FILE] --data-dir DIR [options]"
     longdesc = (
         "Run a meshstream agent: seed local files, serve its cache to peers, and "
         "stream any content at http://127.0.0.1:PORT/stream/<content_id>."
@@ -38,6 +38,13 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["tracker", None, None, "Tracker base URL, e.g. http://127.0.0.1:7070."],
         ["tracker-key", None, None, "The tracker's Ed25519 public key (base64) or a file holding it."],
+        ["user", None, None, "The tracker account this box logs in as."],
+        [
+            "password-file",
+            None,
+            None,
+            "File whose first line is the account's password (default: $MESHSTREAM_PASSWORD).",
+        ],
         ["data-dir", None, "meshstream-agent", "Directory for the cache, box key and node id."],
         [
             "stream",
@@ -69,6 +76,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["tracker"]:
             raise usage.UsageError("--tracker is required")
+        if not self["user"]:
+            raise usage.UsageError("--user is required: the tracker authenticates every agent")
+        from meshstream.tracker.client import load_credentials
+
+        try:
+            self["credentials"] = load_credentials(self["user"], self["password-file"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if not self["listen"]:
             self["listen"] = ["tcp:7071"]
         if self["upload-rate"] is not None:
@@ -93,6 +108,7 @@ def config_from_options(options: Options) -> Any:
         max_peers=options["max-peers"],
         max_uploads=options["max-uploads"],
         tracker_key=options["tracker-key"],
+        credentials=options["credentials"],
         window=options["window"],
     )
 

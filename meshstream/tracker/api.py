@@ -27,15 +27,19 @@ from attrs import field, frozen
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import Interface
 
 from meshstream.manifest import Manifest, ManifestError, public_key_text
+from meshstream.tracker import auth
+from meshstream.tracker.auth import Principal
 from meshstream.tracker.ranking import rank_nodes
-from meshstream.tracker.store import SCHEMA_VERSION, NodeRecord, TrackerStore
+from meshstream.tracker.store import SCHEMA_VERSION, NodeOwned, NodeRecord, TrackerStore
 
 log = Logger()
 
@@ -213,6 +217,19 @@ def parse_announce(obj: object) -> Announce:
     return Announce(node_id, host, port, tuple(dict.fromkeys(contents)), state)
 
 
+def parse_login(obj: object) -> tuple[str, str]:
+    """C{(user, password)} of a login body."""
+    if not isinstance(obj, dict):
+        raise bad_request("the body must be a JSON object")
+    name, password = obj.get("user"), obj.get("password")
+    if not auth.valid_user_name(name):
+        raise bad_request("user must be 1 to 64 characters of [A-Za-z0-9._@-]")
+    if not isinstance(password, str) or not 0 < len(password) <= auth.MAX_PASSWORD:
+        raise bad_request(f"password must be a string of 1 to {auth.MAX_PASSWORD} characters")
+    assert isinstance(name, str)
+    return name, password
+
+
 def parse_leave(obj: object) -> str:
     if not isinstance(obj, dict) or "node_id" not in obj:
         raise bad_request("the body must be an object with a node_id")
@@ -251,6 +268,65 @@ class Route:
     method: bytes
     pattern: tuple[str | None, ...]  # None matches one path segment
     handler: Handler
+    #: The roles allowed to call it; None for a public endpoint.
+    roles: frozenset[str] | None = None
+
+
+class IPrincipal(Interface):
+    """The request component holding the authenticated L{Principal}."""
+
+
+def principal(request: Request) -> Principal:
+    """Who made C{request} (set by the authentication of its route)."""
+    p = request.getComponent(IPrincipal)
+    if not isinstance(p, Principal):
+        raise RuntimeError("principal() on a public route")
+    return p
+
+
+#: How long a tracker process trusts what it read of a token: disabling a
+#: user on another tracker process sharing the database takes effect within
+#: this many seconds here.
+TOKEN_CACHE_SECONDS = 15.0
+TOKEN_CACHE_SIZE = 100_000
+DEFAULT_TOKEN_TTL = 24 * 3600.0
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meshstream"'}
+
+
+class TokenCache:
+    """Token digest -> (principal, expiry), each entry trusted for a few seconds."""
+
+    def __init__(self, lifetime: float = TOKEN_CACHE_SECONDS, size: int = TOKEN_CACHE_SIZE) -> None:
+        self.lifetime = lifetime
+        self.size = size
+        self._entries: dict[str, tuple[Principal, float, float]] = {}
+
+    def get(self, digest: str, now: float) -> tuple[Principal, float] | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        who, expires, read_at = entry
+        if now - read_at >= self.lifetime:
+            del self._entries[digest]
+            return None
+        return who, expires
+
+    def put(self, digest: str, who: Principal, expires: float, now: float) -> None:
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[digest] = (who, expires, now)
+
+    def forget(self, digest: str | None = None, name: str | None = None) -> None:
+        """Drop one token, or every token of user C{name}."""
+        if digest is not None:
+            self._entries.pop(digest, None)
+        if name is not None:
+            for d in [d for d, (who, _, _) in self._entries.items() if who.name == name]:
+                del self._entries[d]
+
+
+def unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, headers=_CHALLENGE)
 
 
 class TrackerAPI:
@@ -265,8 +341,18 @@ class TrackerAPI:
         expire_after: int = 3,
         announce_limit: int = DEFAULT_ANNOUNCE_LIMIT,
         manifest_limit: int = DEFAULT_MANIFEST_LIMIT,
+        token_ttl: float = DEFAULT_TOKEN_TTL,
+        blocking: Callable[..., Deferred[Any]] = deferToThread,
     ) -> None:
+        """
+        @param token_ttl: seconds a login token stays valid.
+        @param blocking: runs a blocking function (password hashing) off the
+            reactor thread and fires with its result.
+        """
         self.store = store
+        self.token_ttl = token_ttl
+        self._blocking = blocking
+        self.tokens = TokenCache()
         self._key = signing_key
         self._public_text = public_key_text(signing_key.public_key())
         self.clock = clock
@@ -293,6 +379,87 @@ class TrackerAPI:
             return n
 
         return d.addCallback(logged)
+
+    # -- authentication ----------------------------------------------------
+
+    def authenticate(self, request: Request, roles: frozenset[str]) -> Deferred[Principal]:
+        """
+        Check the request's bearer token and that its user has one of
+        C{roles}; fire with the L{Principal} (also set on the request, see
+        L{principal}) or fail with a 401/403 L{ApiError}.
+        """
+        token = auth.parse_bearer(request.getHeader(b"authorization"))
+        if token is None:
+            raise unauthorized(
+                "unauthenticated", "this call needs 'Authorization: Bearer TOKEN' (POST /api/v1/login)"
+            )
+        digest = auth.token_digest(token)
+        now = self.clock.seconds()
+        cached = self.tokens.get(digest, now)
+        d: Deferred[tuple[str, str, float] | None]
+        if cached is not None:
+            who, expires = cached
+            d = succeed((who.name, who.role, expires))
+        else:
+            d = self.store.token_principal(digest)
+
+        def check(row: tuple[str, str, float] | None) -> Principal:
+            if row is None:
+                raise unauthorized("bad_token", "the token is unknown or revoked; log in again")
+            name, role, expires = row
+            who = Principal(name, role)
+            if cached is None:
+                self.tokens.put(digest, who, expires, now)
+            if expires <= now:
+                raise unauthorized("token_expired", "the token has expired; log in again")
+            if role not in roles:
+                raise ApiError(403, "forbidden", f"the {role} role may not do this")
+            request.setComponent(IPrincipal, who)
+            return who
+
+        return d.addCallback(check)
+
+    async def _login(self, name: str, password: str) -> Reply:
+        user = await self.store.get_user(name)
+        stored = user.password if user is not None else auth.DUMMY_HASH
+        try:
+            ok = await self._blocking(auth.verify_password, password, stored)
+        except auth.PasswordHashError:
+            log.error("User {user} has an unreadable password hash", user=name)
+            ok = False
+        if user is None or not ok:
+            log.info("Failed login for {user}", user=name)
+            raise unauthorized("bad_credentials", "wrong user name or password")
+        if user.disabled:
+            raise ApiError(403, "user_disabled", f"user {name} is disabled")
+        token = auth.new_token()
+        expires = self.clock.seconds() + self.token_ttl
+        await self.store.add_token(auth.token_digest(token), name, expires)
+        log.info("User {user} logged in", user=name)
+        return Reply(
+            200,
+            {"token": token, "expires_in": self.token_ttl, "user": name, "role": user.role},
+        )
+
+    def login(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        name, password = parse_login(parse_json(read_body(request, SMALL_BODY_LIMIT)))
+        return Deferred.fromCoroutine(self._login(name, password))
+
+    def logout(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        token = auth.parse_bearer(request.getHeader(b"authorization"))
+        assert token is not None  # the route is authenticated
+        digest = auth.token_digest(token)
+        self.tokens.forget(digest=digest)
+        return self.store.delete_token(digest).addCallback(lambda _: Reply(200, {}))
+
+    def whoami(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        who = principal(request)
+
+        def found(user: Any) -> Reply:
+            quota = None if user is None else user.quota_bytes
+            return Reply(200, {"user": who.name, "role": who.role, "quota_bytes": quota})
+
+        return self.store.get_user(who.name).addCallback(found)
 
     # -- handlers ----------------------------------------------------------
 
@@ -348,6 +515,7 @@ class TrackerAPI:
             ann.state,
             self.clock.seconds(),
             ann.contents,
+            owner=principal(request).name,
         )
 
         def done(unknown: list[str]) -> Reply:
@@ -356,11 +524,12 @@ class TrackerAPI:
                 {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown},
             )
 
-        return d.addCallback(done)
+        return d.addCallbacks(done, _node_owned)
 
     def leave(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         node_id = parse_leave(parse_json(read_body(request, SMALL_BODY_LIMIT)))
-        return self.store.leave(node_id).addCallback(lambda _: Reply(200, {}))
+        d = self.store.leave(node_id, owner=principal(request).name)
+        return d.addCallbacks(lambda _: Reply(200, {}), _node_owned)
 
     def nodes(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         content_id = parse_content_id(args[0])
@@ -376,14 +545,23 @@ class TrackerAPI:
         return d.addCallback(ranked)
 
 
+def _node_owned(f: Failure) -> Failure:
+    if f.check(NodeOwned):
+        raise ApiError(403, "node_owned", str(f.value))
+    return f
+
+
 _ROUTES: tuple[Route, ...] = (
     Route(b"GET", ("health",), TrackerAPI.health),
     Route(b"GET", ("key",), TrackerAPI.key),
-    Route(b"POST", ("manifests",), TrackerAPI.register_manifest),
-    Route(b"GET", ("manifests", None), TrackerAPI.get_manifest),
-    Route(b"POST", ("announce",), TrackerAPI.announce),
-    Route(b"POST", ("leave",), TrackerAPI.leave),
-    Route(b"GET", ("contents", None, "nodes"), TrackerAPI.nodes),
+    Route(b"POST", ("login",), TrackerAPI.login),
+    Route(b"POST", ("logout",), TrackerAPI.logout, auth.ANYONE),
+    Route(b"GET", ("me",), TrackerAPI.whoami, auth.ANYONE),
+    Route(b"POST", ("manifests",), TrackerAPI.register_manifest, auth.PUBLISHERS),
+    Route(b"GET", ("manifests", None), TrackerAPI.get_manifest, auth.ANYONE),
+    Route(b"POST", ("announce",), TrackerAPI.announce, auth.ANYONE),
+    Route(b"POST", ("leave",), TrackerAPI.leave, auth.ANYONE),
+    Route(b"GET", ("contents", None, "nodes"), TrackerAPI.nodes, auth.ANYONE),
 )
 API_PREFIX = ("api", "v1")
 
@@ -504,12 +682,18 @@ class TrackerResource(Resource):
         return NOT_DONE_YET
 
     def _answer(self, request: Request) -> Deferred[Answer]:
+        api = self._api
         try:
             route, captured = find_route(request.method, _path_segments(request))
-            result = route.handler(self._api, request, captured)
+            if route.roles is None:
+                result = route.handler(api, request, captured)
+                d = result if isinstance(result, Deferred) else succeed(result)
+            else:
+                d = api.authenticate(request, route.roles).addCallback(
+                    lambda _: route.handler(api, request, captured)
+                )
         except Exception:
             return succeed(self._failure(Failure(), request))
-        d = result if isinstance(result, Deferred) else succeed(result)
         return d.addCallbacks(self._success, self._failure, errbackArgs=(request,))
 
     def _unwritten(self, f: Failure) -> None:

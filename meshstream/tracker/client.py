@@ -16,13 +16,14 @@ malformed answers; L{UnknownContent} when the tracker has no such content.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 from urllib.parse import quote, urlencode
 
 from attrs import define, field, frozen
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -131,6 +132,52 @@ def _strip_slash(url: str) -> str:
     return str(url).rstrip("/")
 
 
+@frozen(repr=False)
+class Credentials:
+    """A user name and password to log in with."""
+
+    user: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(user={self.user!r}, password=***)"
+
+
+def read_password_file(path: str) -> str:
+    """The first line of C{path}, without its line end; ValueError if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the password file {path}: {e}") from None
+    if not line:
+        raise ValueError(f"the password file {path} is empty")
+    return line
+
+
+def load_credentials(user: str | None, password_file: str | None) -> Credentials | None:
+    """
+    Credentials from a user name and a password file, or (without a file)
+    the C{MESHSTREAM_PASSWORD} environment variable.  None without a user;
+    ValueError when there is a user but no usable password.  Blocking: call
+    it while parsing options.
+    """
+    if not user:
+        if password_file:
+            raise ValueError("a password file needs a user name (--user)")
+        return None
+    if password_file:
+        return Credentials(user, read_password_file(password_file))
+    password = os.environ.get("MESHSTREAM_PASSWORD")
+    if not password:
+        raise ValueError(f"no password for user {user}: give --password-file or set MESHSTREAM_PASSWORD")
+    return Credentials(user, password)
+
+
+#: Error codes after which a fresh login may help.
+_RELOGIN_CODES = frozenset({"token_expired", "bad_token", "unauthenticated"})
+
+
 @define
 class TrackerClient:
     """
@@ -139,6 +186,10 @@ class TrackerClient:
     @param http: a treq-like client (C{treq}, C{HTTPClient}, C{StubTreq}).
     @param base_url: e.g. C{"https://tracker.example:7070"} (no trailing path).
     @param clock: for the timeouts.
+    @param credentials: logs in with these before the first call that needs
+        a token, and again (once per call) when the tracker says the token
+        expired or was revoked.  Without them, calls that need a token fail
+        with a 401 L{TrackerError}.
     """
 
     _http: Any
@@ -146,6 +197,43 @@ class TrackerClient:
     _clock: IReactorTime
     timeout: float = DEFAULT_TIMEOUT
     max_body: int = DEFAULT_MAX_BODY
+    credentials: Credentials | None = None
+    token: str | None = None
+    _logging_in: list[Deferred[str]] = field(factory=list)
+
+    # -- authentication --------------------------------------------------------
+
+    def login(self) -> Deferred[str]:
+        """Log in with the credentials; fire with the new token (also kept in C{token})."""
+        if self.credentials is None:
+            return fail(TrackerError("no credentials to log in with", 401, "unauthenticated"))
+        waiting: Deferred[str] = Deferred()
+        self._logging_in.append(waiting)
+        if len(self._logging_in) > 1:
+            return waiting  # one login at a time; the others wait for it
+        body = _encode({"user": self.credentials.user, "password": self.credentials.password})
+
+        def got(doc: object) -> str:
+            token = _object(doc).get("token")
+            if not isinstance(token, str) or not token:
+                raise TrackerError("tracker login answer is malformed")
+            self.token = token
+            return token
+
+        def settle(result: str | Failure) -> None:
+            everyone, self._logging_in = self._logging_in, []
+            for d in everyone:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        self._request("POST", "/api/v1/login", body, None, None).addCallback(got).addBoth(settle)
+        return waiting
+
+    def whoami(self) -> Deferred[dict[str, Any]]:
+        """C{{"user", "role", "quota_bytes"}} of the logged-in user."""
+        return self._call("GET", "/api/v1/me").addCallback(_object)
 
     # -- the endpoints -------------------------------------------------------
 
@@ -222,9 +310,51 @@ class TrackerClient:
         data: bytes | None = None,
         content_id: str | None = None,
     ) -> Deferred[object]:
-        """One request: fire with the decoded JSON of a 2xx answer, or fail."""
+        """
+        One authenticated request (logging in first if need be, and once
+        more if the token was refused): fire with the decoded JSON of a 2xx
+        answer, or fail.
+        """
+        d: Deferred[str | None]
+        if self.token is None and self.credentials is not None:
+            d = self.login().addCallback(lambda token: token)
+        else:
+            d = succeed(self.token)
+
+        def send(token: str | None) -> Deferred[object]:
+            return self._request(method, path, data, content_id, token)
+
+        def retry(f: Failure, used: str | None) -> Deferred[object] | Failure:
+            error = f.value
+            if (
+                self.credentials is None
+                or not isinstance(error, TrackerError)
+                or error.status != 401
+                or error.code not in _RELOGIN_CODES
+            ):
+                return f
+            if self.token is not None and self.token != used:
+                return send(self.token)  # another call has logged in again meanwhile
+            self.token = None
+            return self.login().addCallback(send)
+
+        def first(token: str | None) -> Deferred[object]:
+            return send(token).addErrback(retry, token)
+
+        return d.addCallback(first)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        content_id: str | None,
+        token: str | None,
+    ) -> Deferred[object]:
         url = self.base_url + path
         headers = Headers({b"Accept": [b"application/json"]})
+        if token is not None:
+            headers.addRawHeader(b"Authorization", b"Bearer " + token.encode("ascii"))
         if data is not None:
             headers.addRawHeader(b"Content-Type", b"application/json")
         d: Deferred[Any] = self._http.request(method, url, headers=headers, data=data)

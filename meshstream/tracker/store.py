@@ -26,12 +26,16 @@ L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 Write transactions touch C{nodes} before C{holdings}, so that concurrent
 announces, leaves and purges from several trackers lock rows in one order.
 
-Schema (version 1)::
+Schema (version 2)::
 
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
-  nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL)
+  nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL,
+        owner TEXT (the user whose box it is))
   holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id))
+  users(name TEXT PK, password TEXT (scrypt hash), role TEXT,
+        disabled INTEGER, quota_bytes BIGINT NULL, created REAL)
+  tokens(digest TEXT PK (SHA-256 of the bearer token), name TEXT, expires REAL)
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Connections (and threads) per PostgreSQL pool; SQLite uses one.
 POSTGRES_POOL_SIZE = 4
@@ -65,6 +69,15 @@ Cursor = Any  # a DB-API cursor (adbapi's Transaction proxies one)
 
 class StoreError(Exception):
     """The database cannot be used (bad URL, newer schema, closed store)."""
+
+
+class NodeOwned(Exception):
+    """An announce or leave for a node id another user's box holds."""
+
+    def __init__(self, node_id: str, owner: str) -> None:
+        super().__init__(f"node {node_id} belongs to another user")
+        self.node_id = node_id
+        self.owner = owner
 
 
 # Any constant will do: it only has to be the same for every tracker process.
@@ -190,6 +203,15 @@ class _SQL:
             " PRIMARY KEY (node_id, content_id))",
             "CREATE INDEX holdings_content ON holdings (content_id)",
         ),
+        2: (
+            "CREATE TABLE users ("
+            " name TEXT PRIMARY KEY, password TEXT NOT NULL, role TEXT NOT NULL,"
+            " disabled INTEGER NOT NULL DEFAULT 0, quota_bytes BIGINT, created REAL NOT NULL)",
+            "CREATE TABLE tokens ( digest TEXT PRIMARY KEY, name TEXT NOT NULL, expires REAL NOT NULL)",
+            "CREATE INDEX tokens_name ON tokens (name)",
+            "CREATE INDEX tokens_expires ON tokens (expires)",
+            "ALTER TABLE nodes ADD COLUMN owner TEXT",
+        ),
     }
 
     insert_manifest = (
@@ -201,9 +223,10 @@ class _SQL:
     known_manifests = "SELECT content_id FROM manifests WHERE content_id IN ({marks})"
 
     upsert_node = (
-        "INSERT INTO nodes (node_id, address, state, last_seen) VALUES (?, ?, ?, ?)"
+        "INSERT INTO nodes (node_id, address, state, last_seen, owner) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
-        " state = excluded.state, last_seen = excluded.last_seen"
+        " state = excluded.state, last_seen = excluded.last_seen,"
+        " owner = COALESCE(excluded.owner, nodes.owner)"
     )
     delete_node = "DELETE FROM nodes WHERE node_id = ?"
     delete_holdings = "DELETE FROM holdings WHERE node_id = ?"
@@ -216,6 +239,23 @@ class _SQL:
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
     purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
     count_nodes = "SELECT COUNT(*) FROM nodes"
+    node_owner = "SELECT owner FROM nodes WHERE node_id = ?"
+
+    insert_user = (
+        "INSERT INTO users (name, password, role, disabled, quota_bytes, created)"
+        " VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (name) DO NOTHING"
+    )
+    get_user = "SELECT name, password, role, disabled, quota_bytes, created FROM users WHERE name = ?"
+    list_users = "SELECT name, password, role, disabled, quota_bytes, created FROM users ORDER BY name"
+    update_user = "UPDATE users SET {column} = ? WHERE name = ?"
+    insert_token = "INSERT INTO tokens (digest, name, expires) VALUES (?, ?, ?)"
+    token_principal = (
+        "SELECT u.name, u.role, t.expires FROM tokens t JOIN users u ON u.name = t.name"
+        " WHERE t.digest = ? AND u.disabled = 0"
+    )
+    delete_token = "DELETE FROM tokens WHERE digest = ?"
+    delete_user_tokens = "DELETE FROM tokens WHERE name = ?"
+    purge_tokens = "DELETE FROM tokens WHERE expires < ?"
 
 
 @frozen
@@ -234,6 +274,44 @@ class NodeRecord:
             "state": self.state,
             "last_seen": self.last_seen,
         }
+
+
+@frozen
+class UserRecord:
+    """A row of C{users}."""
+
+    name: str
+    password: str  # the scrypt hash (see L{meshstream.tracker.auth})
+    role: str
+    disabled: bool
+    quota_bytes: int | None
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public view (no password hash)."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "disabled": self.disabled,
+            "quota_bytes": self.quota_bytes,
+            "created": self.created,
+        }
+
+
+def _user(row: Sequence[Any]) -> UserRecord:
+    name, password, role, disabled, quota, created = row
+    return UserRecord(
+        str(name),
+        str(password),
+        str(role),
+        bool(disabled),
+        None if quota is None else int(quota),
+        float(created),
+    )
+
+
+#: The user columns L{TrackerStore.update_user} may set.
+_USER_COLUMNS = frozenset({"password", "role", "disabled", "quota_bytes"})
 
 
 def _decode_state(text: str) -> dict[str, Any]:
@@ -388,20 +466,24 @@ class TrackerStore:
         state: dict[str, Any],
         last_seen: float,
         contents: Iterable[str],
+        owner: str | None = None,
     ) -> Deferred[list[str]]:
         """
         Replace a node's record and its holdings, atomically.
 
         Contents the tracker has no manifest for are not stored; fire with
-        their ids, in the order given.
+        their ids, in the order given.  A node id belongs to the first user
+        (C{owner}) who announced it: another user's announce fails with
+        L{NodeOwned} and changes nothing.
         """
         wanted = list(dict.fromkeys(contents))
         state_text = json.dumps(state, sort_keys=True, allow_nan=False)
 
         def run(txn: Cursor) -> list[str]:
             self._begin(txn)
+            self._check_owner(txn, node_id, owner)
             known = self._known(txn, wanted)
-            txn.execute(self._q(_SQL.upsert_node), (node_id, address, state_text, last_seen))
+            txn.execute(self._q(_SQL.upsert_node), (node_id, address, state_text, last_seen, owner))
             txn.execute(self._q(_SQL.delete_holdings), (node_id,))
             txn.executemany(
                 self._q(_SQL.insert_holding),
@@ -411,11 +493,24 @@ class TrackerStore:
 
         return self._interaction(run)
 
-    def leave(self, node_id: str) -> Deferred[bool]:
-        """Forget a node and its holdings; fire with whether it was known."""
+    def _check_owner(self, txn: Cursor, node_id: str, owner: str | None) -> None:
+        if owner is None:
+            return
+        txn.execute(self._q(_SQL.node_owner), (node_id,))
+        row = txn.fetchone()
+        if row is not None and row[0] is not None and row[0] != owner:
+            raise NodeOwned(node_id, str(row[0]))
+
+    def leave(self, node_id: str, owner: str | None = None) -> Deferred[bool]:
+        """
+        Forget a node and its holdings; fire with whether it was known.
+
+        Fails with L{NodeOwned} if the node belongs to another C{owner}.
+        """
 
         def run(txn: Cursor) -> bool:
             self._begin(txn)
+            self._check_owner(txn, node_id, owner)
             txn.execute(self._q(_SQL.delete_node), (node_id,))
             known = bool(txn.rowcount)
             txn.execute(self._q(_SQL.delete_holdings), (node_id,))
@@ -453,6 +548,95 @@ class TrackerStore:
                 marks = ", ".join("?" * len(chunk))
                 txn.execute(self._q(_SQL.purge_holdings.format(marks=marks)), tuple(chunk))
             return len(gone)
+
+        return self._interaction(run)
+
+    # -- users and tokens ----------------------------------------------------
+
+    def add_user(
+        self, name: str, password_hash: str, role: str, created: float, quota_bytes: int | None = None
+    ) -> Deferred[bool]:
+        """Create a user; fire with False (changing nothing) if the name is taken."""
+
+        def run(txn: Cursor) -> bool:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.insert_user), (name, password_hash, role, quota_bytes, created))
+            return bool(txn.rowcount == 1)
+
+        return self._interaction(run)
+
+    def get_user(self, name: str) -> Deferred[UserRecord | None]:
+        def run(txn: Cursor) -> UserRecord | None:
+            txn.execute(self._q(_SQL.get_user), (name,))
+            row = txn.fetchone()
+            return None if row is None else _user(row)
+
+        return self._interaction(run)
+
+    def list_users(self) -> Deferred[list[UserRecord]]:
+        def run(txn: Cursor) -> list[UserRecord]:
+            txn.execute(self._q(_SQL.list_users))
+            return [_user(row) for row in txn.fetchall()]
+
+        return self._interaction(run)
+
+    def update_user(self, name: str, **changes: object) -> Deferred[bool]:
+        """
+        Set some of C{password}, C{role}, C{disabled}, C{quota_bytes}; fire
+        with whether the user exists.  Disabling a user or changing their
+        password or role also revokes their tokens.
+        """
+        unknown = set(changes) - _USER_COLUMNS
+        if unknown:
+            return fail(StoreError(f"cannot update user columns {sorted(unknown)}"))
+
+        def run(txn: Cursor) -> bool:
+            self._begin(txn)
+            found = False
+            for column, value in sorted(changes.items()):
+                if column == "disabled":
+                    value = 1 if value else 0
+                statement = _SQL.update_user.format(column=column)
+                txn.execute(self._q(statement), (value, name))
+                found = bool(txn.rowcount)
+            if found and (changes.keys() & {"password", "role"} or changes.get("disabled")):
+                txn.execute(self._q(_SQL.delete_user_tokens), (name,))
+            return found
+
+        return self._interaction(run)
+
+    def add_token(self, digest: str, name: str, expires: float) -> Deferred[None]:
+        def run(txn: Cursor) -> None:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.insert_token), (digest, name, expires))
+
+        return self._interaction(run)
+
+    def token_principal(self, digest: str) -> Deferred[tuple[str, str, float] | None]:
+        """C{(name, role, expires)} of an enabled user's token, or None."""
+
+        def run(txn: Cursor) -> tuple[str, str, float] | None:
+            txn.execute(self._q(_SQL.token_principal), (digest,))
+            row = txn.fetchone()
+            return None if row is None else (str(row[0]), str(row[1]), float(row[2]))
+
+        return self._interaction(run)
+
+    def delete_token(self, digest: str) -> Deferred[bool]:
+        def run(txn: Cursor) -> bool:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.delete_token), (digest,))
+            return bool(txn.rowcount)
+
+        return self._interaction(run)
+
+    def purge_tokens(self, now: float) -> Deferred[int]:
+        """Drop the tokens that expired before C{now}; fire with how many."""
+
+        def run(txn: Cursor) -> int:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.purge_tokens), (now,))
+            return int(txn.rowcount)
 
         return self._interaction(run)
 
