@@ -354,6 +354,16 @@ class _TrackerHTTPMixin:
         await alice.leave("box-1")
         await bob.announce("box-1", "10.6.6.6:7000", [cid], {})  # free again
 
+    async def test_expired_tokens_are_purged(self) -> None:
+        alice = await self.user_client("alice")
+        await alice.login()
+        self.clock.advance(DEFAULT_TOKEN_TTL - INTERVAL)
+        await self.client.login()  # a fresh admin token, still valid after the purge
+        self.clock.advance(INTERVAL)  # the timer purges: alice's and the first admin token expired
+        await self.purged()
+        self.assertEqual(await self.service.store.purge_tokens(0.0), 0)
+        self.assertEqual(await self.service.store.purge_tokens(self.clock.seconds() + 2 * DEFAULT_TOKEN_TTL), 1)
+
     async def test_logout_revokes(self) -> None:
         alice = await self.user_client("alice")
         token = await alice.login()

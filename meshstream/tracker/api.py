@@ -370,13 +370,23 @@ class TrackerAPI:
         return TrackerResource(self)
 
     def purge_expired(self) -> Deferred[int]:
-        """Drop the nodes that missed C{expire_after} announces."""
-        d = self.store.purge(self.clock.seconds() - self.ttl)
+        """
+        Drop the nodes that missed C{expire_after} announces, and the expired
+        tokens; fire with the number of nodes dropped.
+        """
+        now = self.clock.seconds()
+        d = self.store.purge(now - self.ttl)
 
-        def logged(n: int) -> int:
+        def logged(n: int) -> Deferred[int]:
             if n:
                 log.info("Purged {count} expired nodes", count=n)
-            return n
+
+            def tokens_logged(t: int) -> int:
+                if t:
+                    log.info("Purged {count} expired tokens", count=t)
+                return n
+
+            return self.store.purge_tokens(now).addCallback(tokens_logged)
 
         return d.addCallback(logged)
 

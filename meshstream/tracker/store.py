@@ -255,7 +255,7 @@ class _SQL:
     )
     delete_token = "DELETE FROM tokens WHERE digest = ?"
     delete_user_tokens = "DELETE FROM tokens WHERE name = ?"
-    purge_tokens = "DELETE FROM tokens WHERE expires < ?"
+    purge_tokens = "DELETE FROM tokens WHERE expires <= ?"
 
 
 @frozen
@@ -631,7 +631,7 @@ class TrackerStore:
         return self._interaction(run)
 
     def purge_tokens(self, now: float) -> Deferred[int]:
-        """Drop the tokens that expired before C{now}; fire with how many."""
+        """Drop the tokens expired at C{now}; fire with how many."""
 
         def run(txn: Cursor) -> int:
             self._begin(txn)
