@@ -362,7 +362,9 @@ class _TrackerHTTPMixin:
         self.clock.advance(INTERVAL)  # the timer purges: alice's and the first admin token expired
         await self.purged()
         self.assertEqual(await self.service.store.purge_tokens(0.0), 0)
-        self.assertEqual(await self.service.store.purge_tokens(self.clock.seconds() + 2 * DEFAULT_TOKEN_TTL), 1)
+        self.assertEqual(
+            await self.service.store.purge_tokens(self.clock.seconds() + 2 * DEFAULT_TOKEN_TTL), 1
+        )
 
     async def test_logout_revokes(self) -> None:
         alice = await self.user_client("alice")
