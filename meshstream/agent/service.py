@@ -3,7 +3,8 @@
 The agent as a service::
 
   AgentService
-   ├── peer server       (one listening port per --listen endpoint string)
+   ├── peer server       (one listening port per --listen endpoint string;
+   │                      peers must show a tracker-signed ticket, see meshstream.tickets)
    ├── stream server     (--stream: /stream/<content_id>, /status)
    ├── announce loop     (heartbeat to the tracker: holdings and node state)
    └── download sessions (one per content being fetched)

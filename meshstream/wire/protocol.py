@@ -6,6 +6,9 @@ codec in L{meshstream.wire.frames}.
 One L{PeerProtocol} per TCP/TLS connection, symmetric: both ends say HELLO
 first; either end may then request sub blocks (the client side, driven by an
 L{IPeerListener}) and serve them (when it was given an L{IContentStore}).
+With a ticket checker (an agent's accepting side, see L{meshstream.tickets})
+a protocol says HELLO only once the peer's HELLO carried a ticket it
+accepts, and then serves only the ticket's content.
 
 Serving is a push producer registered with the transport: when the kernel
 buffer is full Twisted pauses us and we stop reading from the store, so a slow
@@ -158,6 +161,12 @@ class PeerProtocol(Protocol):
             self.bye(F.ByeCode.BUSY, "no free upload slot")
             return
         self._handshake_call = self.clock.callLater(self.handshake_timeout, self._handshake_expired)
+        if self.ticket_checker is None:
+            self._send_hello()
+        # else: our HELLO waits for the peer's to pass the ticket check, so
+        # a refused peer never sees us ready.
+
+    def _send_hello(self) -> None:
         self.send(F.Hello(node_id=self.node_id, ticket=self.ticket))
 
     def _handshake_expired(self) -> None:
@@ -288,6 +297,7 @@ class PeerProtocol(Protocol):
                 return
             if allowed is not None:
                 self.scope = allowed
+            self._send_hello()
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
