@@ -7,7 +7,8 @@ When an agent asks the tracker for the nodes of a content it gets a ticket
 (L{issue}) and presents it in its HELLO; a serving agent checks it offline
 with the tracker's public key (L{verify}) and refuses the peer without one.
 
-Wire form (ASCII, about 400 bytes; the HELLO ticket field holds 65 535)::
+Wire form (ASCII, about 280 bytes, 425 at most with 64-character names; the
+HELLO ticket field holds 65 535)::
 
     mt1.<base64url(payload)>.<base64url(signature)>
 

@@ -335,7 +335,7 @@ class MeshTests(unittest.TestCase):
     def test_serving_agent_checks_tickets(self) -> Deferred[None]:
         """
         A real seed refuses peers without a valid ticket (none, forged,
-        another node's) and serves another content's ticket holder nothing,
+        expired, another node's) and serves another content's ticket holder nothing,
         while a viewer agent with its own tickets downloads everything.
         """
         return ensureDeferred(self._tickets())
@@ -361,10 +361,18 @@ class MeshTests(unittest.TestCase):
             Ed25519PrivateKey.generate(),
             tickets.Ticket(user="intruder", node="intruder", content=cid, expires=2**40),
         )
+        tracker_key = load_or_create_key(os.path.join(mesh.root, "tracker.key"))
+        expired = tickets.issue(
+            tracker_key,
+            tickets.Ticket(
+                user="intruder", node="intruder", content=cid, expires=int(reactor.seconds()) - 60
+            ),
+        )
         request = F.Request(bytes.fromhex(cid), 0, (0, 1))
         for ticket, node, reason in (
             (b"", "intruder", "no ticket"),
             (forged, "intruder", "not signed by the tracker"),
+            (expired, "intruder", "the ticket expired"),
             (genuine, "someone-else", "issued to node intruder"),
         ):
             got = await raw_exchange(seed, [F.Hello(node_id=node, ticket=ticket), request])
