@@ -10,6 +10,11 @@ only when nothing else is left, the origins named in the manifest.  Every sub
 block is verified before it is written; the output is written to
 C{OUT.part} and renamed to C{OUT} only once complete, so C{OUT} never holds an
 unverified byte.
+
+With C{--tracker}, every node lookup also brings a peer ticket
+(L{meshstream.tickets}) that fetch presents to every peer; agents refuse
+peers without one, so C{meshstream://} sources without C{--tracker} work only
+with peers that do not check tickets (the benchmarks' sources).
 """
 
 from __future__ import annotations
@@ -179,6 +184,7 @@ async def _fetch(
     from twisted.internet.endpoints import clientFromString, connectProtocol
     from twisted.web.client import HTTPConnectionPool
 
+    from meshstream.agent.lookup import TicketedLookup
     from meshstream.agent.session import DownloadSession
     from meshstream.sources import fetch_range, make_agent
     from meshstream.tracker.client import TrackerClient
@@ -205,20 +211,30 @@ async def _fetch(
         mirrors = [s for s in sources if isinstance(s, str)]
         cid = manifest.content_id
 
+        lookup = TicketedLookup(tracker, cid, node_id, reactor) if tracker is not None else None
+
         def find_nodes() -> Deferred[list[Any]]:
-            if tracker is None:
+            if lookup is None:
                 return Deferred.fromCoroutine(_const(list(peers)))
-            d = tracker.nodes(cid, limit=50, exclude=[node_id])
+            d = lookup.find_nodes()
             d.addCallback(lambda listed: [*peers, *listed])
             return d
 
         def connect(node: Any, listener: Any) -> Deferred[PeerProtocol]:
+            # With a tracker every peer (listed or given) gets its ticket;
+            # without one, peers that check tickets refuse us.
             host = node.host.replace(":", r"\:")
             endpoint = clientFromString(reactor, f"tcp:host={host}:port={node.port}:timeout=5")
-            proto = PeerProtocol(node_id, reactor, listener=listener)
-            d = connectProtocol(endpoint, proto)
-            d.addCallback(lambda p: p.ready)
-            return d
+
+            def dial(ticket: bytes) -> Deferred[PeerProtocol]:
+                proto = PeerProtocol(node_id, reactor, listener=listener, ticket=ticket)
+                d = connectProtocol(endpoint, proto)
+                d.addCallback(lambda p: p.ready)
+                return d
+
+            if lookup is None:
+                return dial(b"")
+            return lookup.ticket().addCallback(dial)
 
         sink = OutputFile(args.output, manifest)
         progress = Progress(args.progress, manifest.size, manifest.block_size)

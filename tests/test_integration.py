@@ -15,9 +15,12 @@ import sys
 from typing import Any
 
 import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
@@ -25,11 +28,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 from twisted.web.static import File
 
+from meshstream import tickets
 from meshstream.agent.service import AgentConfig, AgentService, manifest_path_for
 from meshstream.manifest import Manifest, build_manifest, public_key_text
 from meshstream.tracker import auth
 from meshstream.tracker.client import TrackerClient
 from meshstream.tracker.service import build_tracker_service, load_or_create_key
+from meshstream.wire import frames as F
 from tests._accounts import make_user
 
 reactor: Any = _reactor
@@ -115,6 +120,40 @@ class Mesh:
     def stream_url(self, viewer: AgentService, cid: str) -> str:
         assert viewer.stream_port is not None
         return f"http://127.0.0.1:{viewer.stream_port.getHost().port}/stream/{cid}"  # type: ignore[attr-defined]
+
+
+class RawPeer(Protocol):
+    """
+    A hand-driven peer: sends some frames on connect, collects what comes
+    back, and hangs up once C{enough} is true of it (or the other side does).
+    """
+
+    def __init__(self, send: list[F.Message], enough: Any) -> None:
+        self.to_send = send
+        self.enough = enough
+        self.decoder = F.FrameDecoder()
+        self.got: list[F.Message] = []
+        self.done: Deferred[list[F.Message]] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"".join(F.encode(m) for m in self.to_send))  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += self.decoder.feed(data)
+        if self.enough(self.got):
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.got)
+
+
+async def raw_exchange(agent: AgentService, send: list[F.Message], enough: Any = None) -> list[F.Message]:
+    """Talk to C{agent}'s peer port as a hand-driven peer; what it answered."""
+    port = agent.peer_ports[0].getHost().port  # type: ignore[attr-defined]
+    peer = RawPeer(send, enough or (lambda got: False))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), peer)
+    peer.done.addTimeout(10, reactor)
+    return await peer.done
 
 
 def make_file(path: str, size: int) -> bytes:
@@ -292,6 +331,71 @@ class MeshTests(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn(b"signature", stderr)
         self.assertFalse(os.path.exists(out))
+
+    def test_serving_agent_checks_tickets(self) -> Deferred[None]:
+        """
+        A real seed refuses peers without a valid ticket (none, forged,
+        expired, another node's) and serves another content's ticket holder nothing,
+        while a viewer agent with its own tickets downloads everything.
+        """
+        return ensureDeferred(self._tickets())
+
+    async def _tickets(self) -> None:
+        mesh = Mesh(self)
+        await mesh.start_tracker()
+        src = os.path.join(mesh.root, "content.bin")
+        data = make_file(src, 2 * 1024 * 1024 + 99)
+        manifest = await mesh.publish(src)
+        other_src = os.path.join(mesh.root, "other.bin")
+        make_file(other_src, 1000)
+        other = await mesh.publish(other_src)
+        cid = manifest.content_id
+        seed = await mesh.agent("seed", [mesh.seed_copy("seed", src, manifest)])
+        # An intruder with an account gets a genuine ticket, for the other content.
+        intruder = TrackerClient(
+            mesh.http, mesh.tracker_url, reactor, credentials=await make_user(mesh.tracker_store, "intruder")
+        )
+        genuine = (await intruder.nodes_with_ticket(other.content_id, "intruder")).ticket
+        assert genuine is not None
+        forged = tickets.issue(
+            Ed25519PrivateKey.generate(),
+            tickets.Ticket(user="intruder", node="intruder", content=cid, expires=2**40),
+        )
+        tracker_key = load_or_create_key(os.path.join(mesh.root, "tracker.key"))
+        expired = tickets.issue(
+            tracker_key,
+            tickets.Ticket(
+                user="intruder", node="intruder", content=cid, expires=int(reactor.seconds()) - 60
+            ),
+        )
+        request = F.Request(bytes.fromhex(cid), 0, (0, 1))
+        for ticket, node, reason in (
+            (b"", "intruder", "no ticket"),
+            (forged, "intruder", "not signed by the tracker"),
+            (expired, "intruder", "the ticket expired"),
+            (genuine, "someone-else", "issued to node intruder"),
+        ):
+            got = await raw_exchange(seed, [F.Hello(node_id=node, ticket=ticket), request])
+            self.assertEqual(len(got), 1, got)  # no HELLO, no data: just the refusal
+            (bye,) = got
+            assert isinstance(bye, F.Bye)
+            self.assertEqual(bye.code, F.ByeCode.UNAUTHORIZED)
+            self.assertIn(reason, bye.reason)
+        # The genuine ticket lets the intruder in, but only for its content.
+        got = await raw_exchange(
+            seed,
+            [F.Hello(node_id="intruder", ticket=genuine), request],
+            enough=lambda got: any(isinstance(m, F.Reject) for m in got),
+        )
+        self.assertEqual([type(m) for m in got], [F.Hello, F.Reject])
+        reject = got[1]
+        assert isinstance(reject, F.Reject)
+        self.assertEqual((reject.code, reject.sub), (F.RejectCode.UNAUTHORIZED, F.WHOLE_REQUEST))
+        # A viewer agent presents its own tickets and gets every byte from the seed.
+        viewer = await mesh.agent("viewer", stream=True)
+        response = await mesh.http.get(mesh.stream_url(viewer, cid))
+        self.assertEqual(await treq.content(response), data)
+        self.assertEqual(viewer.sessions[cid].bytes_by_source, {"seed": len(data)})
 
     def test_unknown_content_is_404(self) -> Deferred[None]:
         return ensureDeferred(self._unknown())

@@ -13,6 +13,7 @@ import hashlib
 import struct
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -21,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from meshstream import tickets
 from meshstream.interfaces import IContentStore
 from meshstream.manifest import Geometry, leaf_hash, root_hash
 from meshstream.wire import frames as F
@@ -290,7 +292,9 @@ class HandshakeTests(_Base):
             raise ValueError("ticket expired")
 
         p = self.proto(store=self.store, ticket_checker=check)
-        transport = self.on_string(p, greet=False)
+        transport = StringTransport()
+        p.makeConnection(transport)
+        self.assertEqual(frames(transport), [])  # a checking side says HELLO only after the check
         p.dataReceived(F.encode(F.Hello(node_id="peer", ticket=b"T1")))
         self.assertEqual(seen, [("peer", b"T1")])
         self.assertEqual(frames(transport), [F.Bye(F.ByeCode.UNAUTHORIZED, "ticket expired")])
@@ -671,6 +675,171 @@ class FactoryTests(_Base):
         pump.flush()
         self.assertEqual(sorted(listener.data), [(1, s) for s in range(4)])
         self.assertEqual(listener.errors, [])
+
+
+@implementer(IContentStore)
+class TwoContents:
+    """Two L{MemoryStore}s behind one store interface."""
+
+    def __init__(self, *stores: MemoryStore) -> None:
+        self.stores = {s.cid_hex: s for s in stores}
+
+    def has(self, content_id: str, block: int, sub: int) -> bool:
+        s = self.stores.get(content_id)
+        return s is not None and s.has(content_id, block, sub)
+
+    def read(self, content_id: str, block: int, sub: int) -> bytes:
+        return self.stores[content_id].read(content_id, block, sub)
+
+    def leaves(self, content_id: str, block: int) -> list[bytes] | None:
+        s = self.stores.get(content_id)
+        return None if s is None else s.leaves(content_id, block)
+
+
+class TicketTests(_Base):
+    """
+    A serving factory that checks real tickets (L{tickets.checker} with the
+    tracker's key on the test clock), as an agent's does.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.tracker_key = Ed25519PrivateKey.generate()
+        self.other = MemoryStore(make_content(GEOMETRY.size)[::-1], GEOMETRY)
+        self.factory = PeerFactory(
+            "server",
+            self.clock,
+            TwoContents(self.store, self.other),
+            ticket_checker=tickets.checker(self.tracker_key.public_key(), self.clock.seconds),
+        )
+
+    def ticket(
+        self,
+        node: str = "client",
+        content: bytes | None = None,
+        lifetime: int = 300,
+        key: Ed25519PrivateKey | None = None,
+    ) -> bytes:
+        t = tickets.Ticket(
+            user="alice",
+            node=node,
+            content=(content or self.cid).hex(),
+            expires=int(self.clock.seconds()) + lifetime,
+        )
+        return tickets.issue(key or self.tracker_key, t)
+
+    def dial(self, ticket: bytes) -> tuple[PeerProtocol, PeerProtocol, Listener, IOPump]:
+        listener = Listener(self.roots)
+        server = self.factory.buildProtocol(None)
+        client = self.proto("client", listener=listener, ticket=ticket)
+        pump = self.pair(server, client)
+        return server, client, listener, pump
+
+    def assert_refused(self, ticket: bytes, reason: str) -> None:
+        """The server answers a HELLO carrying C{ticket} with BYE UNAUTHORIZED saying C{reason}."""
+        server = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        self.assertEqual(frames(transport), [])  # no HELLO before the peer's passed
+        server.dataReceived(F.encode(F.Hello(node_id="client", ticket=ticket)))
+        [bye] = frames(transport)
+        assert isinstance(bye, F.Bye)
+        self.assertEqual(bye.code, F.ByeCode.UNAUTHORIZED)
+        self.assertIn(reason, bye.reason)
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(server.version)
+        # Frames the refused peer sends after its HELLO are not served.
+        server.dataReceived(F.encode(F.Request(self.cid, 0, (0,))))
+        self.clock.advance(1)
+        self.assertEqual((frames(transport), self.store.reads), ([], []))
+
+    def test_good_ticket_downloads(self) -> None:
+        server, client, listener, pump = self.dial(self.ticket())
+        self.assertEqual((server.version, server.peer_id, server.scope), (1, "client", self.cid))
+        self.assertEqual((client.version, client.peer_id), (1, "server"))
+        client.request(self.cid, 1, (0, 1, 2, 3))
+        pump.flush()
+        self.assertEqual(sorted(listener.data), [(1, s) for s in range(4)])
+        self.assertEqual((listener.errors, listener.rejects), ([], []))
+
+    def test_no_ticket(self) -> None:
+        self.assert_refused(b"", "no ticket")
+
+    def test_no_ticket_over_iosim(self) -> None:
+        """The dialer hears the refusal: no HELLO for it, its connection is gone."""
+        server, client, listener, _pump = self.dial(b"")
+        self.assertEqual((server.version, client.version), (None, None))
+        self.assertEqual((listener.ready, len(listener.lost)), (0, 1))
+        self.assertEqual(len(self.ready_failures), 1)
+        self.ready_failures[0].trap(ConnectionError)
+        self.assertEqual(self.factory.connections, set())
+
+    def test_forged_ticket(self) -> None:
+        """Signed by a key that is not the tracker's."""
+        self.assert_refused(self.ticket(key=Ed25519PrivateKey.generate()), "not signed by the tracker")
+
+    def test_tampered_ticket(self) -> None:
+        """The tracker's signature of one ticket under the payload of another."""
+        genuine = self.ticket(content=self.other.cid)
+        mine = self.ticket(lifetime=10**6)
+        tampered = mine.rsplit(b".", 1)[0] + b"." + genuine.rsplit(b".", 1)[1]
+        self.assert_refused(tampered, "not signed by the tracker")
+
+    def test_expired_ticket(self) -> None:
+        ticket = self.ticket(lifetime=300)
+        self.clock.advance(300 + tickets.CLOCK_SKEW + 1)
+        self.assert_refused(ticket, "the ticket expired")
+
+    def test_ticket_of_another_node(self) -> None:
+        self.assert_refused(self.ticket(node="someone-else"), "issued to node someone-else, not client")
+
+    def test_malformed_ticket(self) -> None:
+        self.assert_refused(b"mt1.x.y", "base64url")
+        self.assert_refused(b"\xff" * 5000, "longer than")
+
+    def test_wrong_content(self) -> None:
+        """A ticket for one content gets nothing of another the server holds."""
+        server, client, listener, pump = self.dial(self.ticket(content=self.other.cid))
+        self.assertEqual(server.version, 1)
+        client.request(self.cid, 0, (0, 1))
+        pump.flush()
+        self.assertEqual(
+            listener.rejects,
+            [
+                F.Reject(
+                    self.cid,
+                    0,
+                    F.WHOLE_REQUEST,
+                    F.RejectCode.UNAUTHORIZED,
+                    "the ticket is for another content",
+                )
+            ],
+        )
+        self.assertEqual((self.store.reads, listener.data), ([], {}))
+        # The ticket's own content is served on the same connection.
+        client.request(self.other.cid, 0, (0,))
+        pump.flush()
+        self.assertEqual(self.other.reads, [(0, 0)])
+
+    def test_ticket_checked_at_hello_only(self) -> None:
+        """A connection made with a valid ticket outlives the ticket."""
+        _server, client, listener, pump = self.dial(self.ticket(lifetime=10))
+        self.clock.advance(3600)
+        client.request(self.cid, 0, (0,))
+        pump.flush()
+        self.assertEqual(sorted(listener.data), [(0, 0)])
+
+    def test_dialer_scope(self) -> None:
+        """A dialing agent's connection serves only the content it dialed for."""
+        p = self.proto("dialer", store=TwoContents(self.store, self.other), scope=self.other.cid)
+        transport = self.on_string(p)
+        p.dataReceived(F.encode(F.Request(self.cid, 0, (0,))))
+        [reject] = frames(transport)
+        assert isinstance(reject, F.Reject)
+        self.assertEqual(reject.code, F.RejectCode.UNAUTHORIZED)
+        p.dataReceived(F.encode(F.Request(self.other.cid, 0, (0,))))
+        self.clock.advance(0)
+        self.assertEqual([type(m) for m in frames(transport)], [F.Hashes, F.Data])
 
 
 class PingTests(_Base):

@@ -3,7 +3,8 @@
 The agent as a service::
 
   AgentService
-   ├── peer server       (one listening port per --listen endpoint string)
+   ├── peer server       (one listening port per --listen endpoint string;
+   │                      peers must show a tracker-signed ticket, see meshstream.tickets)
    ├── stream server     (--stream: /stream/<content_id>, /status)
    ├── announce loop     (heartbeat to the tracker: holdings and node state)
    └── download sessions (one per content being fetched)
@@ -34,6 +35,8 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from meshstream import tickets
+from meshstream.agent.lookup import TicketedLookup
 from meshstream.agent.session import PLAYBACK_DEADLINE, DownloadSession, NodeLike
 from meshstream.agent.store import (
     AgentStore,
@@ -173,8 +176,15 @@ class AgentService(Service):
         for path in cfg.seeds:
             yield self._import_seed(path)
         limiter = TokenBucket(cfg.upload_rate, self.clock) if cfg.upload_rate else None
+        assert self.tracker_key is not None
+        # Peers must show a ticket the tracker signed for them and a content.
         self.peer_factory = PeerFactory(
-            self.node_id, self.clock, self.store, limiter=limiter, max_peers=cfg.max_uploads
+            self.node_id,
+            self.clock,
+            self.store,
+            limiter=limiter,
+            ticket_checker=tickets.checker(self.tracker_key, self.clock.seconds),
+            max_peers=cfg.max_uploads,
         )
         for desc in cfg.listen:
             port = yield serverFromString(self.reactor, desc).listen(self.peer_factory)
@@ -371,16 +381,16 @@ class AgentService(Service):
     def _start_session(self, manifest: Manifest) -> DownloadSession:
         assert self.store is not None and self.tracker is not None
         cid = manifest.content_id
-        tracker = self.tracker
+        lookup = TicketedLookup(self.tracker, cid, self.node_id, self.clock)
 
-        def find_nodes() -> Deferred[list[Any]]:
-            return tracker.nodes(cid, limit=50, exclude=[self.node_id])
+        def connect(node: NodeLike, listener: IPeerListener) -> Deferred[PeerProtocol]:
+            return self._connect(node, listener, lookup)
 
         session = DownloadSession(
             self.store.entry(manifest),
             self.clock,
-            find_nodes,
-            self._connect,
+            lookup.find_nodes,
+            connect,
             fetch_range=lambda url, a, b: fetch_range(self._agent, url, a, b, self.clock),
             max_peers=self.config.max_peers,
             window=self.config.window,
@@ -401,15 +411,33 @@ class AgentService(Service):
         if self.running:
             self.announce()
 
-    def _connect(self, node: NodeLike, listener: IPeerListener) -> Deferred[PeerProtocol]:
+    def _connect(
+        self, node: NodeLike, listener: IPeerListener, lookup: TicketedLookup
+    ) -> Deferred[PeerProtocol]:
+        """
+        Dial C{node} for C{lookup}'s content with a fresh ticket.  The
+        connection serves the dialed node that content only (it was listed
+        as holding it).
+        """
         host = node.host if ":" not in node.host else node.host.replace(":", r"\:")
         endpoint = clientFromString(
             self.reactor, f"tcp:host={host}:port={node.port}:timeout={CONNECT_TIMEOUT}"
         )
-        proto = PeerProtocol(self.node_id, self.clock, store=self.store, listener=listener)
-        d = connectProtocol(endpoint, proto)
-        d.addCallback(lambda p: p.ready)
-        return d
+
+        def dial(ticket: bytes) -> Deferred[PeerProtocol]:
+            proto = PeerProtocol(
+                self.node_id,
+                self.clock,
+                store=self.store,
+                listener=listener,
+                ticket=ticket,
+                scope=bytes.fromhex(lookup.content_id),
+            )
+            d = connectProtocol(endpoint, proto)
+            d.addCallback(lambda p: p.ready)
+            return d
+
+        return lookup.ticket().addCallback(dial)
 
     def status(self) -> dict[str, Any]:
         store = self.store

@@ -512,9 +512,10 @@ class DownloadSession:
         subs = [s for (b, s) in src.inflight if b == msg.block and (msg.sub in (s, F.WHOLE_REQUEST))]
         for s in subs:
             self._run(self.scheduler.failed(node.node_id, msg.block, s, strike=False))
-        if msg.code in (F.RejectCode.UNKNOWN_CONTENT, F.RejectCode.NOT_HELD):
+        if msg.code in (F.RejectCode.UNKNOWN_CONTENT, F.RejectCode.NOT_HELD, F.RejectCode.UNAUTHORIZED):
             # It was listed as holding the content but does not (or cannot
-            # read it now): use others, and retry it after a back-off.
+            # read it now, or our ticket does not cover it): use others, and
+            # retry it after a back-off (with a new ticket by then).
             self._drop(node.node_id, f"rejected: {msg.reason}", F.ByeCode.NORMAL)
 
     def _drop(self, nid: str, reason: str, code: int = F.ByeCode.PROTOCOL_ERROR) -> None:

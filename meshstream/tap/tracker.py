@@ -43,6 +43,7 @@ class Options(usage.Options):
             "Missed announces after which a node is dropped.",
             int,
         ],
+        ["ticket-ttl", None, 300.0, "Seconds a peer ticket stays valid.", float],
     ]
 
     def __init__(self) -> None:
@@ -60,6 +61,8 @@ class Options(usage.Options):
             raise usage.UsageError("--announce-interval must be positive")
         if self["expire-after"] < 1:
             raise usage.UsageError("--expire-after must be at least 1")
+        if not self["ticket-ttl"] > 0:
+            raise usage.UsageError("--ticket-ttl must be positive")
         try:
             parse_db_url(self["db"])
         except StoreError as e:
@@ -79,6 +82,7 @@ def makeService(options: Options) -> IService:
         key,
         announce_interval=options["announce-interval"],
         expire_after=options["expire-after"],
+        ticket_ttl=options["ticket-ttl"],
     )
 
     def give_up(_failure: object) -> None:

@@ -35,6 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import Interface
 
+from meshstream import tickets
 from meshstream.manifest import Manifest, ManifestError, public_key_text
 from meshstream.tracker import auth
 from meshstream.tracker.auth import Principal
@@ -257,6 +258,16 @@ def parse_nodes_query(args: Mapping[bytes, Sequence[bytes]]) -> tuple[int, froze
     return limit, exclude
 
 
+def parse_ticket_node(args: Mapping[bytes, Sequence[bytes]]) -> str | None:
+    """The C{node} a peer ticket is asked for (at most one), or None."""
+    nodes = args.get(b"node", [])
+    if len(nodes) > 1:
+        raise bad_request("node given more than once")
+    if not nodes:
+        return None
+    return parse_node_id(nodes[0].decode("utf-8", "replace"))
+
+
 # -- the API -----------------------------------------------------------------
 
 
@@ -290,6 +301,8 @@ def principal(request: Request) -> Principal:
 TOKEN_CACHE_SECONDS = 15.0
 TOKEN_CACHE_SIZE = 100_000
 DEFAULT_TOKEN_TTL = 24 * 3600.0
+#: Seconds a peer ticket stays valid (C{--ticket-ttl}).
+DEFAULT_TICKET_TTL = 300.0
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meshstream"'}
 
 
@@ -343,14 +356,18 @@ class TrackerAPI:
         manifest_limit: int = DEFAULT_MANIFEST_LIMIT,
         token_ttl: float = DEFAULT_TOKEN_TTL,
         blocking: Callable[..., Deferred[Any]] = deferToThread,
+        ticket_ttl: float = DEFAULT_TICKET_TTL,
     ) -> None:
         """
         @param token_ttl: seconds a login token stays valid.
+        @param ticket_ttl: seconds a peer ticket stays valid (see
+            L{meshstream.tickets}).
         @param blocking: runs a blocking function (password hashing) off the
             reactor thread and fires with its result.
         """
         self.store = store
         self.token_ttl = token_ttl
+        self.ticket_ttl = ticket_ttl
         self._blocking = blocking
         self.tokens = TokenCache()
         self._key = signing_key
@@ -544,15 +561,33 @@ class TrackerAPI:
     def nodes(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         content_id = parse_content_id(args[0])
         limit, exclude = parse_nodes_query(request.args or {})
-        d = self.store.nodes_for(content_id, self.clock.seconds() - self.ttl)
+        node = parse_ticket_node(request.args or {})
+        return Deferred.fromCoroutine(self._nodes(content_id, limit, exclude, node, principal(request)))
 
-        def ranked(records: list[NodeRecord] | None) -> Reply:
-            if records is None:
-                raise ApiError(404, "unknown_content", f"no content {content_id}")
-            chosen = rank_nodes(r for r in records if r.node_id not in exclude)[:limit]
-            return Reply(200, {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]})
+    async def _nodes(
+        self, content_id: str, limit: int, exclude: frozenset[str], node: str | None, who: Principal
+    ) -> Reply:
+        records: list[NodeRecord] | None = await self.store.nodes_for(
+            content_id, self.clock.seconds() - self.ttl
+        )
+        if records is None:
+            raise ApiError(404, "unknown_content", f"no content {content_id}")
+        chosen = rank_nodes(r for r in records if r.node_id not in exclude)[:limit]
+        body: dict[str, Any] = {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]}
+        if node is not None:
+            body.update(await self._ticket(content_id, node, who))
+        return Reply(200, body)
 
-        return d.addCallback(ranked)
+    # -- peer tickets ------------------------------------------------------
+
+    async def _ticket(self, content_id: str, node: str, who: Principal) -> dict[str, Any]:
+        """A peer ticket for C{who}'s node C{node} to fetch C{content_id}."""
+        owner = await self.store.node_owner(node)
+        if owner is not None and owner != who.name:
+            raise ApiError(403, "node_owned", f"node {node} belongs to another user")
+        expires = int(self.clock.seconds() + self.ticket_ttl)
+        ticket = tickets.Ticket(user=who.name, node=node, content=content_id, expires=expires)
+        return {"ticket": tickets.issue(self._key, ticket).decode("ascii"), "ticket_expires": expires}
 
 
 def _node_owned(f: Failure) -> Failure:

@@ -52,6 +52,19 @@ class NodeInfo:
     last_seen: float
 
 
+@frozen
+class NodeList:
+    """
+    A node lookup's answer: the nodes, and the peer ticket that lets the
+    asking node fetch the content from them (None when the tracker issued
+    none), with its expiry in the tracker's Unix seconds.
+    """
+
+    nodes: list[NodeInfo] = field(hash=False)
+    ticket: bytes | None = None
+    expires: float | None = None
+
+
 def split_address(address: str) -> tuple[str, int]:
     """C{host:port} or C{[v6]:port} to C{(host, port)}; ValueError if malformed."""
     host, sep, port_text = address.rpartition(":")
@@ -285,14 +298,45 @@ class TrackerClient:
         self, content_id: str, limit: int = 50, exclude: Iterable[str] = ()
     ) -> Deferred[list[NodeInfo]]:
         """The best nodes holding C{content_id}, best first."""
-        query = urlencode([("limit", str(limit))] + [("exclude", e) for e in exclude])
-        path = f"/api/v1/contents/{quote(content_id, safe='')}/nodes?{query}"
+        d = self._nodes(content_id, None, limit, exclude)
+        return d.addCallback(lambda found: found.nodes)
 
-        def parse(body: object) -> list[NodeInfo]:
-            entries = _object(body).get("nodes")
+    def nodes_with_ticket(
+        self, content_id: str, node: str, limit: int = 50, exclude: Iterable[str] = ()
+    ) -> Deferred[NodeList]:
+        """
+        The best nodes holding C{content_id}, best first, and a peer ticket
+        for node C{node} (one of this user's) to present to them.  Fails
+        with a 403 L{TrackerError} (code C{node_owned}) if C{node} is
+        another user's.
+        """
+        return self._nodes(content_id, node, limit, exclude)
+
+    def _nodes(
+        self, content_id: str, node: str | None, limit: int, exclude: Iterable[str]
+    ) -> Deferred[NodeList]:
+        params = [("limit", str(limit))] + [("exclude", e) for e in exclude]
+        if node is not None:
+            params.append(("node", node))
+        path = f"/api/v1/contents/{quote(content_id, safe='')}/nodes?{urlencode(params)}"
+
+        def parse(body: object) -> NodeList:
+            doc = _object(body)
+            entries = doc.get("nodes")
             if not isinstance(entries, list):
                 raise TrackerError("tracker node list is malformed")
-            return [n for n in (_node(e) for e in entries) if n is not None]
+            nodes = [n for n in (_node(e) for e in entries) if n is not None]
+            ticket, expires = doc.get("ticket"), doc.get("ticket_expires")
+            if ticket is None:
+                return NodeList(nodes)
+            if (
+                not isinstance(ticket, str)
+                or not ticket.isascii()
+                or isinstance(expires, bool)
+                or not isinstance(expires, int | float)
+            ):
+                raise TrackerError("tracker ticket is malformed")
+            return NodeList(nodes, ticket.encode("ascii"), float(expires))
 
         return self._call("GET", path, content_id=content_id).addCallback(parse)
 

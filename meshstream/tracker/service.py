@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from meshstream.tracker.api import BoundedRequest, TrackerAPI
+from meshstream.tracker.api import DEFAULT_TICKET_TTL, BoundedRequest, TrackerAPI
 from meshstream.tracker.store import TrackerStore, open_store
 
 log = Logger()
@@ -230,6 +230,7 @@ def build_tracker_service(
     announce_interval: float = 30.0,
     expire_after: int = 3,
     clock: IReactorTime | None = None,
+    ticket_ttl: float = DEFAULT_TICKET_TTL,
 ) -> TrackerService:
     """
     Put a tracker together from its settings.
@@ -246,5 +247,6 @@ def build_tracker_service(
         time,
         announce_interval=announce_interval,
         expire_after=expire_after,
+        ticket_ttl=ticket_ttl,
     )
     return TrackerService(reactor, api, listen, clock=time)

@@ -647,6 +647,18 @@ class TrackerStore:
 
         return self._interaction(run)
 
+    # -- peer tickets ------------------------------------------------------
+
+    def node_owner(self, node_id: str) -> Deferred[str | None]:
+        """The user whose box node C{node_id} is; None if unknown or unowned."""
+
+        def run(txn: Cursor) -> str | None:
+            txn.execute(self._q(_SQL.node_owner), (node_id,))
+            row = txn.fetchone()
+            return None if row is None or row[0] is None else str(row[0])
+
+        return self._interaction(run)
+
 
 def _sqlite_open(conn: sqlite3.Connection) -> None:
     """Per-connection setup: WAL journal, and wait a little on a busy file."""

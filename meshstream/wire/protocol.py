@@ -6,6 +6,9 @@ codec in L{meshstream.wire.frames}.
 One L{PeerProtocol} per TCP/TLS connection, symmetric: both ends say HELLO
 first; either end may then request sub blocks (the client side, driven by an
 L{IPeerListener}) and serve them (when it was given an L{IContentStore}).
+With a ticket checker (an agent's accepting side, see L{meshstream.tickets})
+a protocol says HELLO only once the peer's HELLO carried a ticket it
+accepts, and then serves only the ticket's content.
 
 Serving is a push producer registered with the transport: when the kernel
 buffer is full Twisted pauses us and we stop reading from the store, so a slow
@@ -33,8 +36,9 @@ from meshstream.wire import frames as F
 HANDSHAKE_TIMEOUT = 10.0
 MAX_QUEUED_REQUESTS = 4096
 
-#: A ticket check: (peer node id, ticket bytes) -> None, or raise to refuse.
-TicketChecker = Callable[[str, bytes], None]
+#: A ticket check: (peer node id, ticket bytes) -> the binary content id the
+#: peer may ask for, or None for any content; raise to refuse the peer.
+TicketChecker = Callable[[str, bytes], "bytes | None"]
 
 
 class TokenBucket:
@@ -110,8 +114,20 @@ class PeerProtocol(Protocol):
         max_frame: int = F.DEFAULT_MAX_FRAME,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         slots: PeerFactory | None = None,
+        scope: bytes | None = None,
     ) -> None:
+        """
+        @param ticket: sent in our HELLO (a peer ticket, see
+            L{meshstream.tickets}); empty for none.
+        @param ticket_checker: checks the peer's HELLO; what it returns
+            becomes L{scope}.
+        @param scope: the one content (binary id) this connection serves,
+            or None for any held content.
+        """
         self.slots = slots
+        #: The one content this connection serves (None: any).  Requests
+        #: for another content get REJECT C{UNAUTHORIZED}.
+        self.scope = scope
         self.node_id = node_id
         self.clock = clock
         self.store = store
@@ -145,6 +161,12 @@ class PeerProtocol(Protocol):
             self.bye(F.ByeCode.BUSY, "no free upload slot")
             return
         self._handshake_call = self.clock.callLater(self.handshake_timeout, self._handshake_expired)
+        if self.ticket_checker is None:
+            self._send_hello()
+        # else: our HELLO waits for the peer's to pass the ticket check, so
+        # a refused peer never sees us ready.
+
+    def _send_hello(self) -> None:
         self.send(F.Hello(node_id=self.node_id, ticket=self.ticket))
 
     def _handshake_expired(self) -> None:
@@ -268,11 +290,14 @@ class PeerProtocol(Protocol):
             return
         if self.ticket_checker is not None:
             try:
-                self.ticket_checker(msg.node_id, msg.ticket)
+                allowed = self.ticket_checker(msg.node_id, msg.ticket)
             except Exception as e:
                 self.log.warn("Refused {peer}: {error}", peer=msg.node_id, error=str(e))
                 self.bye(F.ByeCode.UNAUTHORIZED, str(e))
                 return
+            if allowed is not None:
+                self.scope = allowed
+            self._send_hello()
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
@@ -290,6 +315,22 @@ class PeerProtocol(Protocol):
         if store is None:
             self.send(
                 F.Reject(msg.content_id, msg.block, F.WHOLE_REQUEST, F.RejectCode.NOT_HELD, "not serving")
+            )
+            return
+        if self.scope is not None and msg.content_id != self.scope:
+            self.log.info(
+                "Refused a request of {peer} for {cid}: its ticket is for another content",
+                peer=self._peer_name(),
+                cid=cid_hex[:12],
+            )
+            self.send(
+                F.Reject(
+                    msg.content_id,
+                    msg.block,
+                    F.WHOLE_REQUEST,
+                    F.RejectCode.UNAUTHORIZED,
+                    "the ticket is for another content",
+                )
             )
             return
         if len(self._queue) + len(msg.subs) > MAX_QUEUED_REQUESTS:
