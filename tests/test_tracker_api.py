@@ -40,6 +40,7 @@ from meshstream.tracker import auth
 from meshstream.tracker.api import (
     DEFAULT_TOKEN_TTL,
     TOKEN_CACHE_SECONDS,
+    TOKEN_PURGE_GRACE,
     ApiError,
     BoundedRequest,
     parse_address,
@@ -355,13 +356,15 @@ class _TrackerHTTPMixin:
         await bob.announce("box-1", "10.6.6.6:7000", [cid], {})  # free again
 
     async def test_expired_tokens_are_purged(self) -> None:
+        """The purge timer drops tokens an hour after they expired."""
         alice = await self.user_client("alice")
-        await alice.login()
-        self.clock.advance(DEFAULT_TOKEN_TTL - INTERVAL)
-        await self.client.login()  # a fresh admin token, still valid after the purge
-        self.clock.advance(INTERVAL)  # the timer purges: alice's and the first admin token expired
+        await alice.login()  # expires at START + TTL, like the admin's first token
+        self.clock.advance(DEFAULT_TOKEN_TTL + TOKEN_PURGE_GRACE - INTERVAL)
         await self.purged()
-        self.assertEqual(await self.service.store.purge_tokens(0.0), 0)
+        await self.client.login()  # a fresh admin token
+        self.clock.advance(INTERVAL)
+        await self.purged()
+        # Only the fresh token is left.
         self.assertEqual(
             await self.service.store.purge_tokens(self.clock.seconds() + 2 * DEFAULT_TOKEN_TTL), 1
         )

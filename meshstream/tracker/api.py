@@ -301,6 +301,9 @@ def principal(request: Request) -> Principal:
 TOKEN_CACHE_SECONDS = 15.0
 TOKEN_CACHE_SIZE = 100_000
 DEFAULT_TOKEN_TTL = 24 * 3600.0
+#: Expired tokens are kept this long, so that their holders hear
+#: C{token_expired} rather than C{bad_token}.
+TOKEN_PURGE_GRACE = 3600.0
 #: Seconds a peer ticket stays valid (C{--ticket-ttl}).
 DEFAULT_TICKET_TTL = 300.0
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meshstream"'}
@@ -388,8 +391,9 @@ class TrackerAPI:
 
     def purge_expired(self) -> Deferred[int]:
         """
-        Drop the nodes that missed C{expire_after} announces, and the expired
-        tokens; fire with the number of nodes dropped.
+        Drop the nodes that missed C{expire_after} announces, and the tokens
+        expired for over L{TOKEN_PURGE_GRACE}; fire with the number of nodes
+        dropped.
         """
         now = self.clock.seconds()
         d = self.store.purge(now - self.ttl)
@@ -403,7 +407,8 @@ class TrackerAPI:
                     log.info("Purged {count} expired tokens", count=t)
                 return n
 
-            return self.store.purge_tokens(now).addCallback(tokens_logged)
+            d = self.store.purge_tokens(now - TOKEN_PURGE_GRACE)
+            return d.addCallback(tokens_logged)
 
         return d.addCallback(logged)
 
