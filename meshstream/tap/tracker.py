@@ -48,10 +48,18 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = []
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve the API on (repeatable; default tcp:7070)."""
         self["listen"].append(description)
+
+    def opt_metrics_listen(self, description: str) -> None:
+        """
+        Endpoint to serve Prometheus metrics (GET /metrics) on, e.g.
+        tcp:9107:interface=127.0.0.1 (repeatable; default: none).
+        """
+        self["metrics-listen"].append(description)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -79,6 +87,7 @@ def makeService(options: Options) -> IService:
         key,
         announce_interval=options["announce-interval"],
         expire_after=options["expire-after"],
+        metrics_listen=options["metrics-listen"],
     )
 
     def give_up(_failure: object) -> None:
