@@ -7,7 +7,9 @@ clock and the announce timing) and L{TrackerAPI.resource} is the root to
 serve.  Requests are routed in one place (L{_ROUTES}); every handler returns
 (or fires with) a L{Reply} or raises L{ApiError}, and L{TrackerResource}
 turns both into JSON.  Anything else that goes wrong is logged with its
-traceback and answered with a 500 JSON error.
+traceback and answered with a 500 JSON error.  Every answered request is
+counted in the tracker's L{TrackerMetrics} and logged as one structured event
+(see L{TrackerResource}).
 
 Request bodies are validated by pure functions (L{parse_announce},
 L{parse_node_id}, ...) that raise L{ApiError}; nothing is written to the
@@ -776,15 +778,9 @@ class BoundedRequest(Request):
         )
         # The request line is not the request's yet (it is, once the body is in).
         method, path = getattr(self.channel, "_command", b""), getattr(self.channel, "_path", b"")
-        log.info(
-            "Refused {method} {path}: {status} {code} (a {length}-byte body)",
-            **_request_fields(method, path, client_host(self)),
-            status=413,
-            code="body_too_large",
-            user=None,
-            duration=0.0,
-            length=length,
-        )
+        resource = getattr(getattr(self.channel, "site", None), "resource", None)
+        if isinstance(resource, TrackerResource):
+            resource.refused_early(method, path, client_host(self), 413, "body_too_large")
         channel = self.channel
         if channel.transport is not None:
             channel.transport.write(head + body)
@@ -811,18 +807,6 @@ def _path_segments(request: Request) -> list[str]:
 
 #: Request paths are logged up to this many characters.
 MAX_LOGGED_PATH = 200
-
-
-def _request_fields(method: bytes, path: bytes, client: str) -> dict[str, Any]:
-    """The fields every request event carries besides its outcome."""
-    path, _, _ = path.partition(b"?")
-    segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]]
-    return {
-        "method": method.decode("ascii", "replace"),
-        "route": route_label(segments),
-        "path": path.decode("utf-8", "replace")[:MAX_LOGGED_PATH],
-        "client": client,
-    }
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -933,6 +917,23 @@ class TrackerResource(Resource):
             code=error.get("code") if isinstance(error, dict) else None,
             user=who.name if isinstance(who, Principal) else None,
             duration=duration,
+        )
+
+    def refused_early(self, method: bytes, uri: bytes, client: str, status: int, code: str) -> None:
+        """Count and log a request refused before it was complete (so never rendered)."""
+        path, _, _ = uri.partition(b"?")
+        route = route_label([unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]])
+        self._api.metrics.request(route, method, status, 0.0)
+        log.info(
+            "Refused {method} {path}: {status} {code}",
+            method=method.decode("ascii", "replace"),
+            route=route,
+            path=path.decode("utf-8", "replace")[:MAX_LOGGED_PATH],
+            client=client,
+            status=status,
+            code=code,
+            user=None,
+            duration=0.0,
         )
 
     def _write(self, answer: Answer, request: Request, exchange: _Exchange) -> None:

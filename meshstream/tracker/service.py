@@ -176,7 +176,7 @@ class TrackerService(MultiService):
         super().__init__()
         self.api = api
         self.store: TrackerStore = api.store
-        self._ready: Deferred[int] | None = None
+        self._ready: Deferred[int | None] | None = None
         site = _QuietSite(
             api.resource(),
             requestFactory=BoundedRequest,
@@ -228,9 +228,11 @@ class TrackerService(MultiService):
         if self._ready is not None:
             return
 
-        def failed(f: Failure) -> Failure:
+        def failed(f: Failure) -> None:
+            # Logged here, and handled: later calls (ready(), requests) fail
+            # with it on their own, and a Deferred left holding it would be
+            # reported again as "Unhandled error in Deferred".
             log.failure("The tracker database could not be opened", f)
-            return f
 
         self._ready = self.store.start().addErrback(failed)
         self._log_listening()
