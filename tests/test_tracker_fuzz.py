@@ -13,6 +13,7 @@ no row of any table; and the tracker logs no error.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -161,11 +162,21 @@ announce_fields: dict[str, st.SearchStrategy[Any]] = {
         max_size=4,
     ),
 }
-manifest_fields: dict[str, st.SearchStrategy[Any]] = {
+#: A manifest is C{{"info": {format, size, block_size, sub_block_size,
+#: block_roots (base64)}, "content_id", "name", "origins", "meta"}}.
+VALID_MANIFEST = manifest(2).to_dict()
+info_fields: dict[str, st.SearchStrategy[Any]] = {
+    "format": numbers | st.just(1),
     "size": numbers,
-    "block_size": numbers,
-    "sub_block_size": numbers,
-    "block_roots": st.lists(st.text("0123456789abcdef", min_size=0, max_size=70), max_size=4),
+    "block_size": numbers | st.sampled_from([1024, 4096, 2**20]),
+    "sub_block_size": numbers | st.sampled_from([512, 1024, 3000]),
+    "block_roots": st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()) | tricky_text,
+}
+manifest_fields: dict[str, st.SearchStrategy[Any]] = {
+    "info": near(VALID_MANIFEST["info"], info_fields),
+    "content_id": st.from_regex(r"[0-9a-f]{62,66}", fullmatch=True) | tricky_text,
+    "name": tricky_text,
+    "origins": st.lists(st.sampled_from(["https://o.example/c", "ftp://x", ""]) | tricky_text, max_size=3),
     "meta": st.dictionaries(tricky_text, json_values, max_size=3),
 }
 
@@ -283,7 +294,7 @@ class _FuzzMixin:
         self.refused_changes_nothing({200, 400, 401}, b"POST", b"/api/v1/login", body, cuts=cut)
 
     @FUZZ
-    @given(bodies(near(manifest(2).to_dict(), manifest_fields)), cuts)
+    @given(bodies(near(VALID_MANIFEST, manifest_fields)), cuts)
     def test_manifests(self, body: bytes, cut: list[int] | None) -> None:
         self.refused_changes_nothing(
             {200, 201, 400}, b"POST", b"/api/v1/manifests", body, token=self.admin, cuts=cut
@@ -305,10 +316,31 @@ class _FuzzMixin:
         if answer.status == 200:
             self.assertEqual(set(answer.json()), {"interval", "expires_in", "unknown"})
 
+    def test_announce_found(self) -> None:
+        """What the fuzzing found: each was a 500 before its fix."""
+        for state in ({"upload_bps": 10**309}, {"cpu": -(10**400)}):
+            body = json.dumps(
+                {"node_id": "n", "address": "10.0.0.1:1", "contents": [], "state": state}
+            ).encode()
+            answer = self.refused_changes_nothing({400}, b"POST", b"/api/v1/announce", body, token=self.user)
+            self.assertEqual(answer.json()["error"]["code"], "bad_request")
+
     @FUZZ
     @given(bodies(leave_shapes), cuts)
     def test_leave(self, body: bytes, cut: list[int] | None) -> None:
         self.refused_changes_nothing({200, 400}, b"POST", b"/api/v1/leave", body, token=self.user, cuts=cut)
+
+    @settings(FUZZ, max_examples=max(10, EXAMPLES // 5))
+    @given(bodies(leave_shapes) | st.none(), cuts, st.none() | st.binary(max_size=30))
+    def test_logout(self, body: bytes | None, cut: list[int] | None, query: bytes | None) -> None:
+        """A valid token is revoked whatever the body and query; it is then refused."""
+        token = self.login(USER)
+        before = self.db.counts()
+        target = b"/api/v1/logout" + (b"" if query is None else b"?" + quote_from_bytes(query).encode())
+        answer = self.check(self.send(b"POST", target, body, token=token, cuts=cut), {200})
+        self.assertEqual(answer.json(), {})
+        self.assertEqual(self.db.counts(), {**before, "tokens": before["tokens"] - 1})
+        self.refused_changes_nothing({401}, b"POST", b"/api/v1/logout", body, token=token, cuts=cut)
 
     @FUZZ
     @given(

@@ -602,6 +602,16 @@ class UnitTests(unittest.SynchronousTestCase):
         self.assertEqual((e.exception.status, e.exception.code), (400, "bad_request"))
         self.assertEqual(parse_login({"user": "alice", "password": "pässwörd 🔑"}), ("alice", "pässwörd 🔑"))
 
+    def test_state_refuses_integers_beyond_floats(self) -> None:
+        """Found by the fuzz tests: math.isfinite() raised OverflowError on them (a 500)."""
+        from meshstream.tracker.api import ApiError, parse_state
+
+        for value in (10**309, -(10**309)):
+            with self.assertRaises(ApiError) as e:
+                parse_state({"upload_bps": value})
+            self.assertEqual((e.exception.status, e.exception.code), (400, "bad_request"))
+        self.assertEqual(parse_state({"upload_bps": 10**18}), {"upload_bps": 10**18})
+
     def test_metrics_listen_option(self) -> None:
         options = tap.Options()
         options.parseOptions([])

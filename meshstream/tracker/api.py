@@ -193,7 +193,11 @@ def parse_state(value: object) -> dict[str, int | float]:
             raise bad_request(f"state.{name} must be a number")
         if name in INTEGER_FIELDS and not isinstance(v, int):
             raise bad_request(f"state.{name} must be an integer")
-        if not math.isfinite(v) or v < 0 or v > limit:
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite or v < 0 or v > limit:
             raise bad_request(f"state.{name} must be between 0 and {limit}")
         state[name] = v
     return state
