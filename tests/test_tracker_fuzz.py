@@ -9,6 +9,10 @@ paths, methods, C{Content-Length} and chunking can all be wrong.  For every
 request: the status is 4xx (or 2xx for a valid one), never 5xx; a 4xx body is
 exactly C{{"error": {"code": ..., "message": ...}}}; a refused request changes
 no row of any table; and the tracker logs no error.
+
+About 150 examples per test (a few seconds per database);
+C{MESHSTREAM_FUZZ_EXAMPLES=2000} searches deeper.  C{test_*_found} and the
+C{@example}s keep what the fuzzing found.
 """
 
 from __future__ import annotations
