@@ -49,10 +49,18 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = []
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to serve the API on (repeatable; default tcp:7070)."""
         self["listen"].append(description)
+
+    def opt_metrics_listen(self, description: str) -> None:
+        """
+        Endpoint to serve Prometheus metrics (GET /metrics) on, e.g.
+        tcp:9107:interface=127.0.0.1 (repeatable; default: none).
+        """
+        self["metrics-listen"].append(description)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -83,6 +91,7 @@ def makeService(options: Options) -> IService:
         announce_interval=options["announce-interval"],
         expire_after=options["expire-after"],
         ticket_ttl=options["ticket-ttl"],
+        metrics_listen=options["metrics-listen"],
     )
 
     def give_up(_failure: object) -> None:

@@ -7,7 +7,9 @@ clock and the announce timing) and L{TrackerAPI.resource} is the root to
 serve.  Requests are routed in one place (L{_ROUTES}); every handler returns
 (or fires with) a L{Reply} or raises L{ApiError}, and L{TrackerResource}
 turns both into JSON.  Anything else that goes wrong is logged with its
-traceback and answered with a 500 JSON error.
+traceback and answered with a 500 JSON error.  Every answered request is
+counted in the tracker's L{TrackerMetrics} and logged as one structured event
+(see L{TrackerResource}).
 
 Request bodies are validated by pure functions (L{parse_announce},
 L{parse_node_id}, ...) that raise L{ApiError}; nothing is written to the
@@ -20,16 +22,19 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from io import BytesIO
 from ipaddress import ip_address
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from attrs import field, frozen
+from attrs import define, field, frozen
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -39,6 +44,13 @@ from meshstream import tickets
 from meshstream.manifest import Manifest, ManifestError, public_key_text
 from meshstream.tracker import auth
 from meshstream.tracker.auth import Principal
+from meshstream.tracker.metrics import (
+    LOGIN_BAD_CREDENTIALS,
+    LOGIN_DISABLED,
+    LOGIN_OK,
+    UNMATCHED,
+    TrackerMetrics,
+)
 from meshstream.tracker.ranking import rank_nodes
 from meshstream.tracker.store import SCHEMA_VERSION, NodeOwned, NodeRecord, TrackerStore
 
@@ -49,6 +61,8 @@ MIB = 1024 * KIB
 DEFAULT_ANNOUNCE_LIMIT = 1 * MIB
 DEFAULT_MANIFEST_LIMIT = 16 * MIB
 SMALL_BODY_LIMIT = 64 * KIB  # leave
+#: Seconds the health check waits for the database.
+HEALTH_TIMEOUT = 2.0
 
 MAX_CONTENTS = 10_000
 DEFAULT_NODES_LIMIT = 50
@@ -180,7 +194,11 @@ def parse_state(value: object) -> dict[str, int | float]:
             raise bad_request(f"state.{name} must be a number")
         if name in INTEGER_FIELDS and not isinstance(v, int):
             raise bad_request(f"state.{name} must be an integer")
-        if not math.isfinite(v) or v < 0 or v > limit:
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite or v < 0 or v > limit:
             raise bad_request(f"state.{name} must be between 0 and {limit}")
         state[name] = v
     return state
@@ -218,6 +236,15 @@ def parse_announce(obj: object) -> Announce:
     return Announce(node_id, host, port, tuple(dict.fromkeys(contents)), state)
 
 
+def _is_utf8_text(text: str) -> bool:
+    """Whether C{text} can be encoded as UTF-8: JSON's C{\\ud800} escapes make lone surrogates, which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_login(obj: object) -> tuple[str, str]:
     """C{(user, password)} of a login body."""
     if not isinstance(obj, dict):
@@ -227,6 +254,8 @@ def parse_login(obj: object) -> tuple[str, str]:
         raise bad_request("user must be 1 to 64 characters of [A-Za-z0-9._@-]")
     if not isinstance(password, str) or not 0 < len(password) <= auth.MAX_PASSWORD:
         raise bad_request(f"password must be a string of 1 to {auth.MAX_PASSWORD} characters")
+    if not _is_utf8_text(password):
+        raise bad_request("password must be Unicode text (it has a lone surrogate)")
     assert isinstance(name, str)
     return name, password
 
@@ -281,6 +310,11 @@ class Route:
     handler: Handler
     #: The roles allowed to call it; None for a public endpoint.
     roles: frozenset[str] | None = None
+
+    @property
+    def label(self) -> str:
+        """Its name in metrics and logs: the pattern, C{{id}} standing for a variable segment."""
+        return "/".join("{id}" if segment is None else segment for segment in self.pattern)
 
 
 class IPrincipal(Interface):
@@ -360,6 +394,8 @@ class TrackerAPI:
         token_ttl: float = DEFAULT_TOKEN_TTL,
         blocking: Callable[..., Deferred[Any]] = deferToThread,
         ticket_ttl: float = DEFAULT_TICKET_TTL,
+        metrics: TrackerMetrics | None = None,
+        health_timeout: float = HEALTH_TIMEOUT,
     ) -> None:
         """
         @param token_ttl: seconds a login token stays valid.
@@ -367,6 +403,10 @@ class TrackerAPI:
             L{meshstream.tickets}).
         @param blocking: runs a blocking function (password hashing) off the
             reactor thread and fires with its result.
+        @param metrics: where requests, logins and announces are counted;
+            by default a fresh L{TrackerMetrics} of this tracker's own.
+        @param health_timeout: seconds (on C{clock}) the health check waits
+            for the database.
         """
         self.store = store
         self.token_ttl = token_ttl
@@ -380,6 +420,14 @@ class TrackerAPI:
         self.expire_after = expire_after
         self.announce_limit = announce_limit
         self.manifest_limit = manifest_limit
+        self.metrics = (
+            metrics
+            if metrics is not None
+            else TrackerMetrics(store_errors=lambda: getattr(store, "errors", 0))
+        )
+        self.health_timeout = health_timeout
+        self._ping_waiters: list[Deferred[None]] = []
+        self._pinging = False
 
     @property
     def ttl(self) -> float:
@@ -411,6 +459,11 @@ class TrackerAPI:
             return d.addCallback(tokens_logged)
 
         return d.addCallback(logged)
+
+    def refresh_stats(self) -> Deferred[None]:
+        """Count the live nodes and the contents for the metrics' gauges (the purge timer calls it)."""
+        d = self.store.stats(self.clock.seconds() - self.ttl)
+        return d.addCallback(lambda counts: self.metrics.set_stats(*counts))
 
     # -- authentication ----------------------------------------------------
 
@@ -451,7 +504,7 @@ class TrackerAPI:
 
         return d.addCallback(check)
 
-    async def _login(self, name: str, password: str) -> Reply:
+    async def _login(self, name: str, password: str, client: str) -> Reply:
         user = await self.store.get_user(name)
         stored = user.password if user is not None else auth.DUMMY_HASH
         try:
@@ -460,14 +513,25 @@ class TrackerAPI:
             log.error("User {user} has an unreadable password hash", user=name)
             ok = False
         if user is None or not ok:
-            log.info("Failed login for {user}", user=name)
+            self.metrics.login(LOGIN_BAD_CREDENTIALS)
+            log.info(
+                "Failed login for {user} from {client}", user=name, client=client, code="bad_credentials"
+            )
             raise unauthorized("bad_credentials", "wrong user name or password")
         if user.disabled:
+            self.metrics.login(LOGIN_DISABLED)
+            log.info(
+                "Refused login for disabled user {user} from {client}",
+                user=name,
+                client=client,
+                code="user_disabled",
+            )
             raise ApiError(403, "user_disabled", f"user {name} is disabled")
         token = auth.new_token()
         expires = self.clock.seconds() + self.token_ttl
         await self.store.add_token(auth.token_digest(token), name, expires)
-        log.info("User {user} logged in", user=name)
+        self.metrics.login(LOGIN_OK)
+        log.info("User {user} logged in from {client}", user=name, client=client)
         return Reply(
             200,
             {"token": token, "expires_in": self.token_ttl, "user": name, "role": user.role},
@@ -475,7 +539,7 @@ class TrackerAPI:
 
     def login(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         name, password = parse_login(parse_json(read_body(request, SMALL_BODY_LIMIT)))
-        return Deferred.fromCoroutine(self._login(name, password))
+        return Deferred.fromCoroutine(self._login(name, password, client_host(request)))
 
     def logout(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         token = auth.parse_bearer(request.getHeader(b"authorization"))
@@ -495,8 +559,57 @@ class TrackerAPI:
 
     # -- handlers ----------------------------------------------------------
 
-    def health(self, request: Request, args: Sequence[str]) -> Reply:
-        return Reply(200, {"status": "ok", "schema": SCHEMA_VERSION})
+    def health(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        """
+        200 if the database answers a trivial query within C{health_timeout}
+        seconds, else 503 (with the shape of an error, so that clients
+        reading C{error.code} understand it too).
+        """
+        d = self._ping().addTimeout(self.health_timeout, self.clock)
+
+        def down(f: Failure) -> Reply:
+            reason = "timed out" if f.check(TimeoutError) else f.getErrorMessage()
+            log.warn(
+                "Health check failed: the database did not answer ({reason})",
+                reason=reason,
+                code="database_unavailable",
+            )
+            message = f"the database did not answer: {reason}"
+            return Reply(
+                503,
+                {
+                    "status": "unavailable",
+                    "schema": SCHEMA_VERSION,
+                    **error_body("database_unavailable", message),
+                },
+            )
+
+        return d.addCallbacks(lambda _: Reply(200, {"status": "ok", "schema": SCHEMA_VERSION}), down)
+
+    def _ping(self) -> Deferred[None]:
+        """
+        Ping the store, sharing one ping among concurrent health checks, so
+        that a hung database gets no pile of queued pings.  A waiter that
+        gives up (is cancelled) leaves the queue.
+        """
+        waiters = self._ping_waiters
+        d: Deferred[None] = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+        waiters.append(d)
+        if not self._pinging:
+            self._pinging = True
+
+            def fire(result: Failure | None) -> None:
+                self._pinging = False
+                pending = list(waiters)
+                waiters.clear()
+                for w in pending:
+                    if isinstance(result, Failure):
+                        w.errback(result)
+                    else:
+                        w.callback(None)
+
+            self.store.ping().addBoth(fire)
+        return d
 
     def key(self, request: Request, args: Sequence[str]) -> Reply:
         return Reply(200, {"algorithm": "ed25519", "public_key": self._public_text})
@@ -551,6 +664,7 @@ class TrackerAPI:
         )
 
         def done(unknown: list[str]) -> Reply:
+            self.metrics.announces.inc()
             return Reply(
                 200,
                 {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown},
@@ -649,6 +763,16 @@ def find_route(method: bytes, path: Sequence[str]) -> tuple[Route, list[str]]:
     raise ApiError(404, "not_found", "no such resource")
 
 
+def route_label(path: Sequence[str]) -> str:
+    """The label of the route whose path C{path} matches, whatever the method; or C{unmatched}."""
+    if tuple(path[: len(API_PREFIX)]) == API_PREFIX:
+        rest = path[len(API_PREFIX) :]
+        for route in _ROUTES:
+            if _match(route.pattern, rest) is not None:
+                return route.label
+    return UNMATCHED
+
+
 def read_body(request: Request, limit: int) -> bytes:
     """Return the request body, or raise 413 if it is (or claims to be) over C{limit}."""
     too_large = ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
@@ -684,6 +808,38 @@ class BoundedRequest(Request):
     body_too_large = False
     _received = 0
 
+    def gotLength(self, length: int | None) -> None:
+        """
+        Refuse a body declared (by C{Content-Length}) to be over C{max_body}
+        at once: answer 413 and close the connection, instead of reading
+        (and dropping) all of it first.
+        """
+        if length is None or length <= self.max_body or not isinstance(self.channel, HTTPChannel):
+            super().gotLength(length)
+            return
+        self.body_too_large = True
+        self.content = BytesIO()
+        # No "100 Continue" after the answer: the body is not wanted.
+        self.requestHeaders.removeHeader(b"expect")
+        message = f"the request body is limited to {self.max_body} bytes"
+        body = json.dumps(error_body("body_too_large", message)).encode("ascii")
+        head = (
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Cache-Control: no-store\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        # The request line is not the request's yet (it is, once the body is in).
+        method, path = getattr(self.channel, "_command", b""), getattr(self.channel, "_path", b"")
+        resource = getattr(getattr(self.channel, "site", None), "resource", None)
+        if isinstance(resource, TrackerResource):
+            resource.refused_early(method, path, client_host(self), 413, "body_too_large")
+        channel = self.channel
+        if channel.transport is not None:
+            channel.transport.write(head + body)
+        channel.loseConnection()
+
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
         if self._received > self.max_body:
@@ -703,6 +859,10 @@ def _path_segments(request: Request) -> list[str]:
     return [seg.decode("utf-8", "replace") for seg in request.postpath or []]
 
 
+#: Request paths are logged up to this many characters.
+MAX_LOGGED_PATH = 200
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
@@ -710,8 +870,28 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 Answer = tuple[int, dict[str, str], object]
 
 
+@define
+class _Exchange:
+    """One request's bookkeeping: when it started, its route, whether the client left."""
+
+    started: float
+    route: str = UNMATCHED
+    gone: bool = False
+
+    def lost(self, _: object) -> None:
+        self.gone = True
+
+
 class TrackerResource(Resource):
-    """The root resource: routes, runs the handler and writes the JSON answer."""
+    """
+    The root resource: routes, runs the handler and writes the JSON answer.
+
+    Every answered request is counted in the API's metrics and logged as one
+    event with the fields C{method}, C{route}, C{path}, C{client}, C{status},
+    C{code} (the error code, or None), C{user} (who was authenticated, or
+    None) and C{duration} (seconds): at C{debug} level if it succeeded, at
+    C{info} if it was refused (4xx), at C{error} if the tracker failed (5xx).
+    """
 
     isLeaf = True
 
@@ -720,21 +900,23 @@ class TrackerResource(Resource):
         self._api = api
 
     def render(self, request: Request) -> int:
-        finished = [False]
-
-        def lost(_: object) -> None:
-            finished[0] = True
-
-        request.notifyFinish().addBoth(lost)
-        d = self._answer(request)
-        d.addCallback(self._write, request, finished)
+        exchange = _Exchange(self._api.metrics.timer())
+        request.notifyFinish().addBoth(exchange.lost)
+        d = self._answer(request, exchange)
+        d.addCallback(self._write, request, exchange)
         d.addErrback(self._unwritten)
         return NOT_DONE_YET
 
-    def _answer(self, request: Request) -> Deferred[Answer]:
+    def _answer(self, request: Request, exchange: _Exchange) -> Deferred[Answer]:
         api = self._api
         try:
-            route, captured = find_route(request.method, _path_segments(request))
+            segments = _path_segments(request)
+            try:
+                route, captured = find_route(request.method, segments)
+            except ApiError:
+                exchange.route = route_label(segments)
+                raise
+            exchange.route = route.label
             if route.roles is None:
                 result = route.handler(api, request, captured)
                 d = result if isinstance(result, Deferred) else succeed(result)
@@ -743,8 +925,8 @@ class TrackerResource(Resource):
                     lambda _: route.handler(api, request, captured)
                 )
         except Exception:
-            return succeed(self._failure(Failure(), request))
-        return d.addCallbacks(self._success, self._failure, errbackArgs=(request,))
+            return succeed(self._failure(Failure(), request, exchange))
+        return d.addCallbacks(self._success, self._failure, errbackArgs=(request, exchange))
 
     def _unwritten(self, f: Failure) -> None:
         log.failure("Could not write a response", f)
@@ -752,23 +934,67 @@ class TrackerResource(Resource):
     def _success(self, reply: Reply) -> Answer:
         return reply.status, {}, reply.body
 
-    def _failure(self, f: Failure, request: Request) -> Answer:
+    def _failure(self, f: Failure, request: Request, exchange: _Exchange) -> Answer:
         if f.check(ApiError):
             e = f.value
             assert isinstance(e, ApiError)
             return e.status, e.headers, error_body(e.code, e.message)
-        log.failure("Unhandled error in {method} {uri}", f, method=request.method, uri=request.uri)
+        log.failure(
+            "Unhandled error in {method} {route}",
+            f,
+            method=request.method.decode("ascii", "replace"),
+            route=exchange.route,
+            path=request.path.decode("utf-8", "replace")[:MAX_LOGGED_PATH],
+        )
         return 500, {}, error_body("internal_error", "the tracker failed to answer")
 
-    def _write(
-        self,
-        answer: Answer,
-        request: Request,
-        finished: list[bool],
-    ) -> None:
-        if finished[0]:
-            return
+    def _observe(self, request: Request, exchange: _Exchange, status: int, body: object) -> None:
+        """Count and log an answered request."""
+        metrics = self._api.metrics
+        duration = metrics.timer() - exchange.started
+        metrics.request(exchange.route, request.method, status, duration)
+        if status < 400:
+            emit, text = log.debug, "{method} {path}: {status}"
+        elif status < 500:
+            emit, text = log.info, "Refused {method} {path}: {status} {code}"
+        else:
+            emit, text = log.error, "Failed {method} {path}: {status} {code}"
+        error = body.get("error") if isinstance(body, dict) else None
+        who = request.getComponent(IPrincipal)
+        emit(
+            text,
+            method=request.method.decode("ascii", "replace"),
+            route=exchange.route,
+            path=request.path.decode("utf-8", "replace")[:MAX_LOGGED_PATH],
+            client=client_host(request),
+            status=status,
+            code=error.get("code") if isinstance(error, dict) else None,
+            user=who.name if isinstance(who, Principal) else None,
+            duration=duration,
+        )
+
+    def refused_early(self, method: bytes, uri: bytes, client: str, status: int, code: str) -> None:
+        """Count and log a request refused before it was complete (so never rendered)."""
+        path, _, _ = uri.partition(b"?")
+        route = route_label([unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]])
+        self._api.metrics.request(route, method, status, 0.0)
+        log.info(
+            "Refused {method} {path}: {status} {code}",
+            method=method.decode("ascii", "replace"),
+            route=route,
+            path=path.decode("utf-8", "replace")[:MAX_LOGGED_PATH],
+            client=client,
+            status=status,
+            code=code,
+            user=None,
+            duration=0.0,
+        )
+
+    def _write(self, answer: Answer, request: Request, exchange: _Exchange) -> None:
         status, headers, body = answer
+        self._observe(request, exchange, status, body)
+        if exchange.gone:
+            return
         data = json.dumps(body, separators=(",", ":")).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")

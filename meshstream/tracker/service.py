@@ -3,8 +3,11 @@
 The tracker as a service tree::
 
   TrackerService (MultiService)
-   ├── TimerService: purge expired nodes every announce interval
-   └── StreamServerEndpointService per --listen string, serving Site(root)
+   ├── TimerService: purge expired nodes every announce interval (and
+   │   count what is left for the metrics)
+   ├── StreamServerEndpointService per --listen string, serving Site(root)
+   └── StreamServerEndpointService per --metrics-listen string, serving
+       GET /metrics
 
 Starting it runs the store migrations (requests wait for them); stopping it
 stops listening, drops open HTTP connections, waits for the purge in flight
@@ -32,10 +35,12 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from meshstream.tracker.api import DEFAULT_TICKET_TTL, BoundedRequest, TrackerAPI
+from meshstream.tracker.api import DEFAULT_TICKET_TTL, BoundedRequest, TrackerAPI, format_address
+from meshstream.tracker.metrics import MetricsResource
 from meshstream.tracker.store import TrackerStore, open_store
 
 log = Logger()
@@ -113,6 +118,17 @@ class _RecordingEndpoint:
         return d
 
 
+class _QuietSite(Site):
+    """
+    A site without twisted.web's access log: the tracker logs each request
+    as one structured event (see L{meshstream.tracker.api.TrackerResource}),
+    and the metrics listener's scrapes are not worth a line each.
+    """
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 class _ConnectionTracker(WrappingFactory):
     """Keeps the open connections, so that stopping can drop them all."""
 
@@ -145,6 +161,8 @@ class TrackerService(MultiService):
     @param api: the request handlers (they hold the store and the clock).
     @param listen: endpoint description strings, e.g. C{tcp:7070}.
     @param clock: drives the expiry timer; defaults to C{reactor}.
+    @param metrics_listen: endpoint description strings to serve C{GET
+        /metrics} on (and nothing else), e.g. C{tcp:9107:interface=127.0.0.1}.
     """
 
     def __init__(
@@ -153,12 +171,13 @@ class TrackerService(MultiService):
         api: TrackerAPI,
         listen: Sequence[str],
         clock: IReactorTime | None = None,
+        metrics_listen: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.api = api
         self.store: TrackerStore = api.store
-        self._ready: Deferred[int] | None = None
-        site = Site(
+        self._ready: Deferred[int | None] | None = None
+        site = _QuietSite(
             api.resource(),
             requestFactory=BoundedRequest,
             timeout=HTTP_IDLE_TIMEOUT,
@@ -171,6 +190,14 @@ class TrackerService(MultiService):
             endpoint = _RecordingEndpoint(serverFromString(reactor, description))
             self._endpoints.append(endpoint)
             StreamServerEndpointService(endpoint, self._connections).setServiceParent(self)
+        metrics_site = _QuietSite(MetricsResource(api.metrics), timeout=HTTP_IDLE_TIMEOUT, reactor=reactor)
+        metrics_site.displayTracebacks = False
+        self._metrics_connections = _ConnectionTracker(metrics_site)
+        self._metrics_endpoints: list[_RecordingEndpoint] = []
+        for description in metrics_listen:
+            endpoint = _RecordingEndpoint(serverFromString(reactor, description))
+            self._metrics_endpoints.append(endpoint)
+            StreamServerEndpointService(endpoint, self._metrics_connections).setServiceParent(self)
         timer = TimerService(api.announce_interval, self._purge)
         timer.clock = clock if clock is not None else reactor
         timer.setServiceParent(self)
@@ -181,7 +208,12 @@ class TrackerService(MultiService):
         def failed(f: Failure) -> None:
             log.failure("Purging expired nodes failed", f)
 
-        return d.addCallbacks(lambda _: None, failed)
+        def count(_: None) -> Deferred[None]:
+            return self.api.refresh_stats().addErrback(
+                lambda f: log.failure("Counting nodes and contents for the metrics failed", f)
+            )
+
+        return d.addCallbacks(lambda _: None, failed).addCallback(count)
 
     def privilegedStartService(self) -> None:
         # Migrate first, so requests queue behind the schema.
@@ -196,11 +228,34 @@ class TrackerService(MultiService):
         if self._ready is not None:
             return
 
-        def failed(f: Failure) -> Failure:
+        def failed(f: Failure) -> None:
+            # Logged here, and handled: later calls (ready(), requests) fail
+            # with it on their own, and a Deferred left holding it would be
+            # reported again as "Unhandled error in Deferred".
             log.failure("The tracker database could not be opened", f)
-            return f
 
         self._ready = self.store.start().addErrback(failed)
+        self._log_listening()
+
+    def _log_listening(self) -> None:
+        """Log each listening address once it listens (a port of 0 gets one at random)."""
+        for listener, endpoints in (("api", self._endpoints), ("metrics", self._metrics_endpoints)):
+            for endpoint in endpoints:
+
+                def listening(port: IListeningPort, listener: str = listener) -> None:
+                    address = port.getHost()
+                    host, number = getattr(address, "host", None), getattr(address, "port", None)
+                    shown = str(address) if host is None or number is None else format_address(host, number)
+                    log.info(
+                        "Serving {listener} requests on {address}",
+                        listener=listener,
+                        address=shown,
+                        host=host,
+                        port=number,
+                    )
+
+                # A failure to listen is StreamServerEndpointService's to report.
+                endpoint.port().addCallbacks(listening, lambda f: None)
 
     def ready(self) -> Deferred[int]:
         """Fire with the schema version once the store is migrated."""
@@ -209,6 +264,10 @@ class TrackerService(MultiService):
     def listening(self) -> Deferred[list[IListeningPort]]:
         """Fire with the listening ports, in C{listen} order."""
         return gatherResults([e.port() for e in self._endpoints], consumeErrors=True)
+
+    def metrics_listening(self) -> Deferred[list[IListeningPort]]:
+        """Fire with the metrics listeners' ports, in C{metrics_listen} order."""
+        return gatherResults([e.port() for e in self._metrics_endpoints], consumeErrors=True)
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[Any] = Deferred.fromCoroutine(self._stop())
@@ -219,6 +278,7 @@ class TrackerService(MultiService):
             await super().stopService()
         finally:
             await self._connections.abort_all()
+            await self._metrics_connections.abort_all()
             self.store.close()
 
 
@@ -231,6 +291,7 @@ def build_tracker_service(
     expire_after: int = 3,
     clock: IReactorTime | None = None,
     ticket_ttl: float = DEFAULT_TICKET_TTL,
+    metrics_listen: Sequence[str] = (),
 ) -> TrackerService:
     """
     Put a tracker together from its settings.
@@ -249,4 +310,4 @@ def build_tracker_service(
         expire_after=expire_after,
         ticket_ttl=ticket_ttl,
     )
-    return TrackerService(reactor, api, listen, clock=time)
+    return TrackerService(reactor, api, listen, clock=time, metrics_listen=metrics_listen)

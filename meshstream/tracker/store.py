@@ -257,6 +257,11 @@ class _SQL:
     delete_user_tokens = "DELETE FROM tokens WHERE name = ?"
     purge_tokens = "DELETE FROM tokens WHERE expires <= ?"
 
+    # Operations: the health check and the metrics' gauges.
+    ping = "SELECT 1"
+    count_live_nodes = "SELECT COUNT(*) FROM nodes WHERE last_seen >= ?"
+    count_manifests = "SELECT COUNT(*) FROM manifests"
+
 
 @frozen
 class NodeRecord:
@@ -339,6 +344,11 @@ class TrackerStore:
         self._failed: Failure | None = None
         self._closed = False
         self._waiting: list[Deferred[None]] = []
+        #: How many calls failed because of the database itself (see
+        #: L{_count_error}); read by the metrics.
+        self.errors = 0
+        dbapi = getattr(pool, "dbapi", None)
+        self._driver_errors: tuple[type[BaseException], ...] = (dbapi.Error,) if dbapi is not None else ()
 
     # -- plumbing ----------------------------------------------------------
 
@@ -362,7 +372,8 @@ class TrackerStore:
 
     def _interaction(self, fn: Callable[..., T], *args: object) -> Deferred[T]:
         d = self._when_ready()
-        return d.addCallback(lambda _: self._pool.runInteraction(fn, *args))
+        result: Deferred[T] = d.addCallback(lambda _: self._pool.runInteraction(fn, *args))
+        return result.addErrback(self._count_error)
 
     def _release(self, failure: Failure | None) -> None:
         waiting, self._waiting = self._waiting, []
@@ -637,6 +648,38 @@ class TrackerStore:
             self._begin(txn)
             txn.execute(self._q(_SQL.purge_tokens), (now,))
             return int(txn.rowcount)
+
+        return self._interaction(run)
+
+    # -- operations: health and statistics -----------------------------------
+
+    def _count_error(self, f: Failure) -> Failure:
+        """
+        Count database failures: the driver's errors, a lost connection, a
+        closed or unmigrated store; not the domain errors (L{NodeOwned}, ...)
+        that interactions raise on purpose.
+        """
+        if f.check(StoreError, adbapi.ConnectionLost, *self._driver_errors):
+            self.errors += 1
+        return f
+
+    def ping(self) -> Deferred[None]:
+        """Run a trivial query: fires once the database answers, fails if it cannot."""
+
+        def run(txn: Cursor) -> None:
+            txn.execute(self._q(_SQL.ping))
+            txn.fetchall()
+
+        return self._interaction(run)
+
+    def stats(self, seen_since: float) -> Deferred[tuple[int, int]]:
+        """C{(live nodes, registered contents)}: nodes heard from at or after C{seen_since}."""
+
+        def run(txn: Cursor) -> tuple[int, int]:
+            txn.execute(self._q(_SQL.count_live_nodes), (seen_since,))
+            nodes = int(txn.fetchone()[0])
+            txn.execute(self._q(_SQL.count_manifests))
+            return nodes, int(txn.fetchone()[0])
 
         return self._interaction(run)
 
