@@ -6,7 +6,8 @@ L{TrackerAPI} holds what the handlers need (the store, the signing key, the
 clock and the announce timing) and L{TrackerAPI.resource} is the root to
 serve.  Requests are routed in one place (L{_ROUTES}); every handler returns
 (or fires with) a L{Reply} or raises L{ApiError}, and L{TrackerResource}
-turns both into JSON.  Anything else that goes wrong is logged with its
+turns both into JSON (or, for a L{Reply} with a C{content_type}, writes its
+bytes as they are: the CSV usage export).  Anything else that goes wrong is logged with its
 traceback and answered with a 500 JSON error.
 
 Request bodies are validated by pure functions (L{parse_announce},
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from ipaddress import ip_address
 from typing import Any
@@ -36,10 +38,17 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import Interface
 
 from meshstream.manifest import Manifest, ManifestError, public_key_text
-from meshstream.tracker import auth
+from meshstream.tracker import auth, billing
 from meshstream.tracker.auth import Principal
 from meshstream.tracker.ranking import rank_nodes
-from meshstream.tracker.store import SCHEMA_VERSION, NodeOwned, NodeRecord, TrackerStore
+from meshstream.tracker.store import (
+    SCHEMA_VERSION,
+    NodeOwned,
+    NodeRecord,
+    ReservationLimit,
+    TrackerStore,
+    UsageResult,
+)
 
 log = Logger()
 
@@ -47,6 +56,7 @@ KIB = 1024
 MIB = 1024 * KIB
 DEFAULT_ANNOUNCE_LIMIT = 1 * MIB
 DEFAULT_MANIFEST_LIMIT = 16 * MIB
+USAGE_LIMIT = 2 * MIB  # 10000 entries of about 150 bytes
 SMALL_BODY_LIMIT = 64 * KIB  # leave
 
 MAX_CONTENTS = 10_000
@@ -96,10 +106,14 @@ def bad_request(message: str) -> ApiError:
 
 @frozen
 class Reply:
-    """A successful answer: a status and a JSON-able body."""
+    """
+    A successful answer: a status and a JSON-able body, or (with a
+    C{content_type}) the body's bytes as they are.
+    """
 
     status: int
     body: object
+    content_type: str | None = None
 
 
 # -- validators (pure) -------------------------------------------------------
@@ -360,6 +374,7 @@ class TrackerAPI:
         self.expire_after = expire_after
         self.announce_limit = announce_limit
         self.manifest_limit = manifest_limit
+        self.quotas = billing.QuotaCache()
 
     @property
     def ttl(self) -> float:
@@ -518,11 +533,9 @@ class TrackerAPI:
             owner=principal(request).name,
         )
 
-        def done(unknown: list[str]) -> Reply:
-            return Reply(
-                200,
-                {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown},
-            )
+        def done(unknown: list[str]) -> Deferred[Reply]:
+            answer = {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown}
+            return self._with_reservations(principal(request).name, answer)
 
         return d.addCallbacks(done, _node_owned)
 
@@ -534,7 +547,8 @@ class TrackerAPI:
     def nodes(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         content_id = parse_content_id(args[0])
         limit, exclude = parse_nodes_query(request.args or {})
-        d = self.store.nodes_for(content_id, self.clock.seconds() - self.ttl)
+        d = self.check_quota(principal(request).name)
+        d.addCallback(lambda _: self.store.nodes_for(content_id, self.clock.seconds() - self.ttl))
 
         def ranked(records: list[NodeRecord] | None) -> Reply:
             if records is None:
@@ -543,6 +557,170 @@ class TrackerAPI:
             return Reply(200, {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]})
 
         return d.addCallback(ranked)
+
+    # -- billing: usage and quotas -------------------------------------------
+
+    def period(self) -> str:
+        """The current billing period (C{YYYY-MM}, UTC, by the API's clock)."""
+        return billing.period_of(self.clock.seconds())
+
+    def check_quota(self, name: str) -> Deferred[None]:
+        """
+        Fail with C{402 quota_exceeded} if user C{name} has downloaded their
+        quota in the current period.  What was read is trusted for a few
+        seconds (L{billing.QuotaCache}), so most calls do not wait for the
+        database.
+        """
+        now = self.clock.seconds()
+        period = billing.period_of(now)
+        cached = self.quotas.get(name, period, now)
+        d = succeed(cached) if cached is not None else self.store.standing(name, period)
+
+        def check(standing: billing.Standing) -> None:
+            if cached is None:
+                self.quotas.put(name, standing, now)
+            if standing.over_quota:
+                raise ApiError(402, "quota_exceeded", billing.quota_message(name, standing))
+
+        return d.addCallback(check)
+
+    def report_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        try:
+            report = billing.parse_usage_report(parse_json(read_body(request, USAGE_LIMIT)))
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        name = principal(request).name
+        now = self.clock.seconds()
+        d = self.store.add_usage(
+            name, report.node_id, report.seq, billing.period_of(now), report.entries, now
+        )
+
+        def done(result: UsageResult) -> Reply:
+            self.quotas.put(name, result.standing, now)
+            body = result.standing.to_dict()
+            body.update(accepted=result.accepted, unknown=result.unknown)
+            return Reply(200, body)
+
+        return d.addCallbacks(done, _node_owned)
+
+    def _usage_period(self, request: Request) -> str:
+        """The C{period} query parameter, or the current period."""
+        text = _query_one(request, "period")
+        if text is None:
+            return self.period()
+        try:
+            return billing.parse_period(text)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    def my_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        name = principal(request).name
+        period = self._usage_period(request)
+        d = self.store.usage(period, name)
+
+        def got_rows(rows: list[billing.UsageRow]) -> Deferred[Reply]:
+            def answer(standing: billing.Standing) -> Reply:
+                body: dict[str, Any] = {"user": name, **standing.to_dict()}
+                body["uploaded_bytes"] = sum(r.uploaded for r in rows)
+                body["contents"] = [_content_usage(r) for r in rows]
+                return Reply(200, body)
+
+            return self.store.standing(name, period).addCallback(answer)
+
+        return d.addCallback(got_rows)
+
+    def export_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        period = self._usage_period(request)
+        name = _query_one(request, "user")
+        if name is not None and not auth.valid_user_name(name):
+            raise bad_request("user must be 1 to 64 characters of [A-Za-z0-9._@-]")
+        form = _query_one(request, "format") or "json"
+        if form not in ("json", "csv"):
+            raise bad_request("format must be json or csv")
+
+        def render(rows: list[billing.UsageRow]) -> Reply:
+            if form == "csv":
+                return Reply(200, billing.usage_csv(rows), content_type="text/csv; charset=utf-8")
+            return Reply(200, {"period": period, "usage": [r.to_dict() for r in rows]})
+
+        return self.store.usage(period, name).addCallback(render)
+
+    # -- reservations ------------------------------------------------------
+
+    def _with_reservations(self, name: str, answer: dict[str, Any]) -> Deferred[Reply]:
+        d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
+
+        def add(found: list[billing.Reservation]) -> Reply:
+            answer["reservations"] = [r.to_dict() for r in found]
+            return Reply(200, answer)
+
+        return d.addCallback(add)
+
+    def reserve(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        now = self.clock.seconds()
+        try:
+            wanted = billing.parse_reservation(parse_json(read_body(request, SMALL_BODY_LIMIT)), now)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        name = principal(request).name
+        d = self.store.add_reservation(uuid.uuid4().hex, name, wanted, now, billing.MAX_RESERVATIONS)
+
+        def stored(reservation: billing.Reservation | None) -> Reply:
+            if reservation is None:
+                raise ApiError(404, "unknown_content", f"no content {wanted.content_id}")
+            log.info(
+                "User {user} reserved {cid} from {start} to {end}",
+                user=name,
+                cid=wanted.content_id[:12],
+                start=wanted.start,
+                end=wanted.end,
+            )
+            return Reply(201, reservation.to_dict())
+
+        def too_many(f: Failure) -> Failure:
+            if f.check(ReservationLimit):
+                raise ApiError(409, "too_many_reservations", str(f.value))
+            return f
+
+        return d.addCallbacks(stored, too_many)
+
+    def list_reservations(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        name = principal(request).name
+        d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
+        return d.addCallback(lambda found: Reply(200, {"reservations": [r.to_dict() for r in found]}))
+
+    def cancel_reservation(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        rid = args[0]
+        if not RESERVATION_ID_RE.match(rid):
+            raise bad_request("a reservation id is 32 lowercase hex characters")
+        who = principal(request)
+        d = self.store.delete_reservation(rid, owner=None if who.role == auth.ADMIN else who.name)
+
+        def deleted(found: bool) -> Reply:
+            if not found:
+                raise ApiError(404, "unknown_reservation", f"no reservation {rid} of yours")
+            return Reply(200, {})
+
+        return d.addCallback(deleted)
+
+
+RESERVATION_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def _query_one(request: Request, name: str) -> str | None:
+    """A query parameter given at most once (400 if repeated), or None."""
+    values = (request.args or {}).get(name.encode("ascii"), [])
+    if len(values) > 1:
+        raise bad_request(f"{name} given more than once")
+    if not values:
+        return None
+    return values[0].decode("utf-8", "replace")
+
+
+def _content_usage(row: billing.UsageRow) -> dict[str, Any]:
+    d = row.to_dict()
+    del d["user"], d["period"]
+    return d
 
 
 def _node_owned(f: Failure) -> Failure:
@@ -562,6 +740,13 @@ _ROUTES: tuple[Route, ...] = (
     Route(b"POST", ("announce",), TrackerAPI.announce, auth.ANYONE),
     Route(b"POST", ("leave",), TrackerAPI.leave, auth.ANYONE),
     Route(b"GET", ("contents", None, "nodes"), TrackerAPI.nodes, auth.ANYONE),
+    # Billing and reservations.
+    Route(b"POST", ("usage",), TrackerAPI.report_usage, auth.ANYONE),
+    Route(b"GET", ("usage",), TrackerAPI.export_usage, auth.ADMINS),
+    Route(b"GET", ("me", "usage"), TrackerAPI.my_usage, auth.ANYONE),
+    Route(b"POST", ("reservations",), TrackerAPI.reserve, auth.ANYONE),
+    Route(b"GET", ("reservations",), TrackerAPI.list_reservations, auth.ANYONE),
+    Route(b"DELETE", ("reservations", None), TrackerAPI.cancel_reservation, auth.ANYONE),
 )
 API_PREFIX = ("api", "v1")
 
@@ -700,7 +885,9 @@ class TrackerResource(Resource):
         log.failure("Could not write a response", f)
 
     def _success(self, reply: Reply) -> Answer:
-        return reply.status, {}, reply.body
+        if reply.content_type is None:
+            return reply.status, {}, reply.body
+        return reply.status, {"Content-Type": reply.content_type}, reply.body
 
     def _failure(self, f: Failure, request: Request) -> Answer:
         if f.check(ApiError):
@@ -719,7 +906,10 @@ class TrackerResource(Resource):
         if finished[0]:
             return
         status, headers, body = answer
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        if isinstance(body, bytes):  # a Reply with its own content type
+            data = body
+        else:
+            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
