@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from meshstream.errors import QuotaExceeded, TrackerError, UnknownContent
 from meshstream.tracker import auth, billing
+from meshstream.tracker.api import USAGE_LIMIT
 from meshstream.tracker.client import TrackerClient
 from tests._accounts import make_user
 from tests._pg import SKIP_PG, pg_schema_url
@@ -215,6 +216,7 @@ class _BillingHTTPMixin:
         ]
         for body, code in bad_bodies:
             await self.assert_error("POST", "/api/v1/usage", body, 400, code)
+        await self.assert_error("POST", "/api/v1/usage", b" " * (USAGE_LIMIT + 1), 413, "body_too_large")
         self.assertEqual(await self.export(), [])
         # The largest report allowed passes (the body limit leaves room for it).
         big = [entry(f"{i:064x}", uploaded=2**50 - 1) for i in range(billing.MAX_USAGE_ENTRIES - 1)]
