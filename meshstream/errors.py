@@ -20,3 +20,7 @@ class TrackerError(MeshstreamError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class QuotaExceeded(TrackerError):
+    """The tracker refuses a node list: the user has used up their byte quota (HTTP 402)."""

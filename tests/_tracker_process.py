@@ -34,7 +34,7 @@ from tests._accounts import PASSWORD, hashed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The tables a refused request must not change.
-DATA_TABLES = ("manifests", "nodes", "holdings", "users", "tokens")
+DATA_TABLES = ("manifests", "nodes", "holdings", "users", "tokens", "usage", "usage_reports", "reservations")
 TIMEOUT = 30.0
 
 Event = dict[str, Any]

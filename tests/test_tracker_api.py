@@ -58,7 +58,17 @@ from meshstream.tracker.store import SCHEMA_VERSION, StoreError, parse_db_url
 from tests._accounts import PASSWORD, make_user
 from tests._pg import SKIP_PG, pg_query, pg_schema_url
 
-TABLES = {"manifests", "nodes", "holdings", "schema_version", "users", "tokens"}
+TABLES = {
+    "manifests",
+    "nodes",
+    "holdings",
+    "schema_version",
+    "users",
+    "tokens",
+    "usage",
+    "usage_reports",
+    "reservations",
+}
 ALL_VERSIONS = [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 INTERVAL = 30.0
 EXPIRE_AFTER = 3
@@ -237,7 +247,10 @@ class _TrackerHTTPMixin:
         }
         for node_id, st_ in announced.items():
             result = await self.client.announce(node_id, f"10.0.0.{len(node_id)}:7000", [cid, unknown], st_)
-            self.assertEqual(result, {"interval": INTERVAL, "expires_in": INTERVAL * 3, "unknown": [unknown]})
+            self.assertEqual(
+                result,
+                {"interval": INTERVAL, "expires_in": INTERVAL * 3, "unknown": [unknown], "reservations": []},
+            )
         await self.client.announce("elsewhere", "10.9.9.9:1", [other], state(10**9, 0, 0))
         nodes = await self.client.nodes(cid)
         self.assertEqual([n.node_id for n in nodes], ["fast", "calm", "busy", "slow", "mute"])

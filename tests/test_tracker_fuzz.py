@@ -166,6 +166,18 @@ announce_fields: dict[str, st.SearchStrategy[Any]] = {
         max_size=4,
     ),
 }
+usage_entry_fields: dict[str, st.SearchStrategy[Any]] = {
+    "content_id": st.sampled_from(["ab" * 32, "AB" * 32, "x"]) | tricky_text | numbers,
+    "from_peers": numbers | tricky_text | st.booleans(),
+    "from_servers": numbers,
+    "from_origin": numbers | st.just(2**50),
+    "uploaded": numbers,
+}
+reservation_fields: dict[str, st.SearchStrategy[Any]] = {
+    "content_id": st.sampled_from(["ab" * 32, "AB" * 32]) | tricky_text,
+    "start": numbers | tricky_text,
+    "end": numbers | st.just(10**11),
+}
 #: A manifest is C{{"info": {format, size, block_size, sub_block_size,
 #: block_roots (base64)}, "content_id", "name", "origins", "meta"}}.
 VALID_MANIFEST = manifest(2).to_dict()
@@ -318,7 +330,7 @@ class _FuzzMixin:
             {200, 400}, b"POST", b"/api/v1/announce", body, token=self.user, cuts=cut
         )
         if answer.status == 200:
-            self.assertEqual(set(answer.json()), {"interval", "expires_in", "unknown"})
+            self.assertEqual(set(answer.json()), {"interval", "expires_in", "unknown", "reservations"})
 
     def test_announce_found(self) -> None:
         """What the fuzzing found: each was a 500 before its fix."""
@@ -328,6 +340,28 @@ class _FuzzMixin:
             ).encode()
             answer = self.refused_changes_nothing({400}, b"POST", b"/api/v1/announce", body, token=self.user)
             self.assertEqual(answer.json()["error"]["code"], "bad_request")
+
+    @FUZZ
+    @given(st.data(), cuts)
+    def test_usage(self, data: st.DataObject, cut: list[int] | None) -> None:
+        entry = {"content_id": self.cid, "from_peers": 1, "from_servers": 0, "from_origin": 2, "uploaded": 3}
+        entries = st.lists(near(entry, usage_entry_fields), max_size=3) | st.just([entry])
+        valid = {"node_id": "fuzz-node", "seq": 1, "contents": [entry]}
+        fields = {"node_id": tricky_text, "seq": numbers | tricky_text, "contents": entries}
+        body = data.draw(bodies(near(valid, fields)))
+        self.refused_changes_nothing({200, 400}, b"POST", b"/api/v1/usage", body, token=self.user, cuts=cut)
+
+    @FUZZ
+    @given(st.data(), cuts)
+    def test_reservations(self, data: st.DataObject, cut: list[int] | None) -> None:
+        valid = {"content_id": self.cid, "start": 4_000_000_000, "end": 4_000_003_600}
+        body = data.draw(bodies(near(valid, reservation_fields)))
+        answer = self.refused_changes_nothing(
+            {201, 400, 404, 409}, b"POST", b"/api/v1/reservations", body, token=self.user, cuts=cut
+        )
+        if answer.status == 201:
+            rid = answer.json()["id"].encode()
+            self.check(self.send(b"DELETE", b"/api/v1/reservations/" + rid, token=self.user), {200})
 
     @FUZZ
     @given(bodies(leave_shapes), cuts)

@@ -6,8 +6,17 @@ The agent as a service::
    ├── peer server       (one listening port per --listen endpoint string;
    │                      peers must show a tracker-signed ticket, see meshstream.tickets)
    ├── stream server     (--stream: /stream/<content_id>, /status)
-   ├── announce loop     (heartbeat to the tracker: holdings and node state)
+   ├── announce loop     (heartbeat to the tracker: holdings and node state;
+   │                      then the usage report; the answer brings the
+   │                      user's reservations)
    └── download sessions (one per content being fetched)
+
+Usage: the L{UsageMeter} reads the sessions' verified bytes (from peers, and
+from the origin or mirrors) and the peer server's bytes served, per content,
+and after each announce the agent reports what grew since the last report
+(see L{meshstream.agent.usage}).  Bytes from content servers are reported as
+C{from_servers: 0} for now: node lists do not yet say which nodes are content
+servers, so their bytes count as C{from_peers}.
 
 The reactor is a constructor argument (the tap passes the global one); every
 timer runs on it as an L{IReactorTime}.
@@ -45,7 +54,8 @@ from meshstream.agent.store import (
     verify_seed,
 )
 from meshstream.agent.stream import StreamResource
-from meshstream.errors import UnknownContent
+from meshstream.agent.usage import Report, UsageMeter
+from meshstream.errors import QuotaExceeded, TrackerError, UnknownContent
 from meshstream.interfaces import IStreamProvider, IStreamSource
 from meshstream.manifest import (
     DEFAULT_BLOCK_SIZE,
@@ -63,6 +73,8 @@ from meshstream.wire.protocol import IPeerListener, PeerFactory, PeerProtocol, T
 log = Logger()
 
 CONNECT_TIMEOUT = 5
+#: Usage reports sent one after the other at one heartbeat, at most.
+MAX_REPORTS_PER_BEAT = 4
 DEFAULT_ANNOUNCE_INTERVAL = 30.0
 _NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -144,6 +156,13 @@ class AgentService(Service):
         self._upload_bps = 0.0
         self._pool: Any = None
         self.http: Any = None
+        self.usage = UsageMeter(self.clock)
+        #: Not None while a usage report is out: who waits for it to end.
+        self._report_waiters: list[Deferred[None]] | None = None
+        #: The tracker's last answer to a usage report: C{{"period", "used_bytes", "quota_bytes", ...}}.
+        self.usage_standing: dict[str, Any] | None = None
+        #: The user's reservations that have not ended, from the last announce answer.
+        self.reservations: list[dict[str, Any]] = []
 
     # -- start and stop --------------------------------------------------
 
@@ -268,6 +287,7 @@ class AgentService(Service):
         waits: list[Deferred[Any]] = [maybeDeferred(p.stopListening) for p in ports]
         if self.tracker is not None and self.node_id:
             waits.append(self.tracker.leave(self.node_id).addErrback(lambda _f: None))
+            waits.append(self.report_usage())
         stopped: Deferred[Any] = DeferredList(waits, consumeErrors=True)
 
         def close(_: object) -> Any:
@@ -317,17 +337,86 @@ class AgentService(Service):
             interval = answer.get("interval")
             if isinstance(interval, (int, float)) and interval > 0:
                 self.announce_interval = float(interval)
+            reservations = answer.get("reservations")
+            if isinstance(reservations, list):
+                self.reservations = [r for r in reservations if isinstance(r, dict)]
 
         def failed(f: Failure) -> None:
             log.warn("Announce failed: {error}", error=f.getErrorMessage())
 
         def again(_: object) -> None:
             if self.running:
+                # Announces may overlap (a finished download announces at
+                # once): keep one timer.
+                if self._announce_call is not None and self._announce_call.active():
+                    self._announce_call.cancel()
                 self._announce_call = self.clock.callLater(self.announce_interval, self.announce)
 
         d.addCallbacks(ok, failed)
+        d.addCallback(lambda _: self.report_usage())
         d.addCallback(again)
         return d
+
+    # -- usage reports -----------------------------------------------------
+
+    def _sample_usage(self) -> None:
+        """Feed the meter the running totals of the sessions and the peer server."""
+        for session in self.sessions.values():
+            by_kind = session.bytes_by_kind()
+            self.usage.observe(session, session.content_id, "from_peers", by_kind["peers"])
+            self.usage.observe(session, session.content_id, "from_origin", by_kind["http"])
+        if self.peer_factory is not None:
+            for cid, n in self.peer_factory.served().items():
+                self.usage.observe(self.peer_factory, cid, "uploaded", n)
+
+    def report_usage(self) -> Deferred[None]:
+        """
+        Report the bytes counted since the last acknowledged report; never
+        fails.  A report that could not be delivered is sent again (same
+        C{seq}) next time; one the tracker refuses as malformed is dropped.
+        While a report is out, a second call waits for it, then reports what
+        is left.
+        """
+        if self._report_waiters is not None:
+            waiting: Deferred[None] = Deferred()
+            self._report_waiters.append(waiting)
+            return waiting.addCallback(lambda _: self.report_usage())
+        self._sample_usage()
+        waiters: list[Deferred[None]] = []
+        self._report_waiters = waiters
+
+        def finished(_: object) -> None:
+            self._report_waiters = None
+            for w in waiters:
+                w.callback(None)
+
+        return Deferred.fromCoroutine(self._send_reports()).addCallback(finished)
+
+    async def _send_reports(self) -> None:
+        for _ in range(MAX_REPORTS_PER_BEAT):
+            report = self.usage.next_report()
+            if report is None or self.tracker is None:
+                return
+            try:
+                answer = await self.tracker.report_usage(self.node_id, report.seq, report.contents)
+            except Exception as e:
+                self._report_failed(e, report)
+                return
+            self.usage.acknowledged(report)
+            self.usage_standing = answer
+
+    def _report_failed(self, error: Exception, report: Report) -> None:
+        if isinstance(error, TrackerError) and error.status in (400, 413):
+            log.error(
+                "The tracker refused usage report {seq}; dropping it: {error}",
+                seq=report.seq,
+                error=str(error),
+            )
+            self.usage.dropped(report)
+        else:
+            log.warn(
+                "Usage report {seq} failed (will send it again): {error}", seq=report.seq, error=str(error)
+            )
 
     # -- downloads ---------------------------------------------------------
 
@@ -401,9 +490,16 @@ class AgentService(Service):
             ),
         )
         self.sessions[cid] = session
-        session.done.addErrback(
-            lambda f: log.warn("Download of {cid} failed: {error}", cid=cid[:12], error=f.getErrorMessage())
-        )
+
+        def failed(f: Failure) -> None:
+            log.warn("Download of {cid} failed: {error}", cid=cid[:12], error=f.getErrorMessage())
+            if f.check(QuotaExceeded) and self.sessions.get(cid) is session:
+                # Forget it, so that the content can be opened again once
+                # the quota allows (its bytes so far stay in the meter).
+                self._sample_usage()
+                del self.sessions[cid]
+
+        session.done.addErrback(failed)
         session.start()
         return session
 
@@ -448,6 +544,12 @@ class AgentService(Service):
             "uploaded_bytes": sum(p.bytes_sent for p in self.peer_factory.connections)
             if self.peer_factory
             else 0,
+            "reservations": self.reservations,
+            "usage": {
+                "seq": self.usage.seq,
+                "unreported": self.usage.pending(),
+                "tracker": self.usage_standing,
+            },
         }
 
 

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshstream.agent.store import StoreError, check_sub
-from meshstream.errors import DownloadFailed
+from meshstream.errors import DownloadFailed, QuotaExceeded
 from meshstream.interfaces import IStreamSource
 from meshstream.manifest import Manifest, leaf_hash, root_hash
 from meshstream.scheduler import core as sched
@@ -319,6 +319,9 @@ class DownloadSession:
 
         def failed(f: Failure) -> None:
             self._lookup = None
+            if isinstance(f.value, QuotaExceeded):  # the user may not download more: no fallback
+                self._fail(f.value)
+                return
             self.log.warn(
                 "Node lookup for {cid} failed: {error}", cid=self.content_id[:12], error=f.getErrorMessage()
             )
@@ -790,6 +793,14 @@ class DownloadSession:
             self._no_peer_since = None
         if not self._stopped:
             self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Verified bytes so far from C{"peers"} and from C{"http"} sources (origins and mirrors)."""
+        http = {*self._mirrors, *self._origins}
+        by_kind = {"peers": 0, "http": 0}
+        for source, n in self.bytes_by_source.items():
+            by_kind["http" if source in http else "peers"] += n
+        return by_kind
 
     def status(self) -> dict[str, Any]:
         return {

@@ -34,7 +34,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from meshstream.errors import MeshstreamError, TrackerError, UnknownContent
+from meshstream.errors import MeshstreamError, QuotaExceeded, TrackerError, UnknownContent
 from meshstream.interfaces import IStreamProvider, IStreamSource
 
 __all__ = [
@@ -148,6 +148,10 @@ def _abort_connection(request: Request) -> None:
 def _log_unexpected(reason: Failure) -> None:
     """The last errback of our chains: a bug in an errback must not vanish."""
     _log.failure("Unexpected error in the stream server", failure=reason)
+
+
+def _quota_message(reason: Failure) -> str:
+    return f"Download quota exceeded: {reason.getErrorMessage()}"
 
 
 def _send_error(request: Request, code: int, message: str) -> None:
@@ -303,17 +307,18 @@ class BlockProducer:
                 block=block,
                 content_id=self._source.content_id,
             )
-        self._fail()
+        self._fail(reason)
 
     def _finish(self) -> None:
         self._done = True
         self._request.unregisterProducer()
         self._request.finish()
 
-    def _fail(self) -> None:
+    def _fail(self, reason: Failure | None = None) -> None:
         """
-        Give up.  Before the headers went out we can still say 503; after
-        that the only honest thing is to cut the connection short.
+        Give up.  Before the headers went out we can still say 503 (402 when
+        the tracker refused for the user's quota); after that the only
+        honest thing is to cut the connection short.
         """
         if self._done:
             return
@@ -322,7 +327,10 @@ class BlockProducer:
         self._request.unregisterProducer()
         if not getattr(self._request, "startedWriting", True):
             self._request.responseHeaders.removeHeader(b"content-range")
-            _send_error(self._request, 503, "The content cannot be streamed now.")
+            if reason is not None and reason.check(QuotaExceeded):
+                _send_error(self._request, 402, _quota_message(reason))
+            else:
+                _send_error(self._request, 503, "The content cannot be streamed now.")
         else:
             _abort_connection(self._request)
 
@@ -401,7 +409,9 @@ class _Response:
         if reason.check(UnknownContent):
             _send_error(self._request, 404, "No such content.")
             return
-        if reason.check(TrackerError):
+        if reason.check(QuotaExceeded):
+            code, message = 402, _quota_message(reason)
+        elif reason.check(TrackerError):
             code, message = 502, "The tracker could not be asked about this content."
         else:
             code, message = 503, "The content cannot be streamed now."

@@ -6,10 +6,11 @@ L{TrackerAPI} holds what the handlers need (the store, the signing key, the
 clock and the announce timing) and L{TrackerAPI.resource} is the root to
 serve.  Requests are routed in one place (L{_ROUTES}); every handler returns
 (or fires with) a L{Reply} or raises L{ApiError}, and L{TrackerResource}
-turns both into JSON.  Anything else that goes wrong is logged with its
-traceback and answered with a 500 JSON error.  Every answered request is
-counted in the tracker's L{TrackerMetrics} and logged as one structured event
-(see L{TrackerResource}).
+turns both into JSON (or, for a L{Reply} with a C{content_type}, writes its
+bytes as they are: the CSV usage export).  Anything else that goes wrong is
+logged with its traceback and answered with a 500 JSON error.  Every answered
+request is counted in the tracker's L{TrackerMetrics} and logged as one
+structured event (see L{TrackerResource}).
 
 Request bodies are validated by pure functions (L{parse_announce},
 L{parse_node_id}, ...) that raise L{ApiError}; nothing is written to the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 from ipaddress import ip_address
@@ -42,7 +44,7 @@ from zope.interface import Interface
 
 from meshstream import tickets
 from meshstream.manifest import Manifest, ManifestError, public_key_text
-from meshstream.tracker import auth
+from meshstream.tracker import auth, billing
 from meshstream.tracker.auth import Principal
 from meshstream.tracker.metrics import (
     LOGIN_BAD_CREDENTIALS,
@@ -52,7 +54,14 @@ from meshstream.tracker.metrics import (
     TrackerMetrics,
 )
 from meshstream.tracker.ranking import rank_nodes
-from meshstream.tracker.store import SCHEMA_VERSION, NodeOwned, NodeRecord, TrackerStore
+from meshstream.tracker.store import (
+    SCHEMA_VERSION,
+    NodeOwned,
+    NodeRecord,
+    ReservationLimit,
+    TrackerStore,
+    UsageResult,
+)
 
 log = Logger()
 
@@ -60,6 +69,7 @@ KIB = 1024
 MIB = 1024 * KIB
 DEFAULT_ANNOUNCE_LIMIT = 1 * MIB
 DEFAULT_MANIFEST_LIMIT = 16 * MIB
+USAGE_LIMIT = 2 * MIB  # 10000 entries of about 150 bytes
 SMALL_BODY_LIMIT = 64 * KIB  # leave
 #: Seconds the health check waits for the database.
 HEALTH_TIMEOUT = 2.0
@@ -111,10 +121,14 @@ def bad_request(message: str) -> ApiError:
 
 @frozen
 class Reply:
-    """A successful answer: a status and a JSON-able body."""
+    """
+    A successful answer: a status and a JSON-able body, or (with a
+    C{content_type}) the body's bytes as they are.
+    """
 
     status: int
     body: object
+    content_type: str | None = None
 
 
 # -- validators (pure) -------------------------------------------------------
@@ -428,6 +442,7 @@ class TrackerAPI:
         self.health_timeout = health_timeout
         self._ping_waiters: list[Deferred[None]] = []
         self._pinging = False
+        self.quotas = billing.QuotaCache()
 
     @property
     def ttl(self) -> float:
@@ -663,12 +678,10 @@ class TrackerAPI:
             owner=principal(request).name,
         )
 
-        def done(unknown: list[str]) -> Reply:
+        def done(unknown: list[str]) -> Deferred[Reply]:
             self.metrics.announces.inc()
-            return Reply(
-                200,
-                {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown},
-            )
+            answer = {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown}
+            return self._with_reservations(principal(request).name, answer)
 
         return d.addCallbacks(done, _node_owned)
 
@@ -681,7 +694,11 @@ class TrackerAPI:
         content_id = parse_content_id(args[0])
         limit, exclude = parse_nodes_query(request.args or {})
         node = parse_ticket_node(request.args or {})
-        return Deferred.fromCoroutine(self._nodes(content_id, limit, exclude, node, principal(request)))
+        who = principal(request)
+        d = self.check_quota(who.name)
+        return d.addCallback(
+            lambda _: Deferred.fromCoroutine(self._nodes(content_id, limit, exclude, node, who))
+        )
 
     async def _nodes(
         self, content_id: str, limit: int, exclude: frozenset[str], node: str | None, who: Principal
@@ -708,6 +725,170 @@ class TrackerAPI:
         ticket = tickets.Ticket(user=who.name, node=node, content=content_id, expires=expires)
         return {"ticket": tickets.issue(self._key, ticket).decode("ascii"), "ticket_expires": expires}
 
+    # -- billing: usage and quotas -------------------------------------------
+
+    def period(self) -> str:
+        """The current billing period (C{YYYY-MM}, UTC, by the API's clock)."""
+        return billing.period_of(self.clock.seconds())
+
+    def check_quota(self, name: str) -> Deferred[None]:
+        """
+        Fail with C{402 quota_exceeded} if user C{name} has downloaded their
+        quota in the current period.  What was read is trusted for a few
+        seconds (L{billing.QuotaCache}), so most calls do not wait for the
+        database.
+        """
+        now = self.clock.seconds()
+        period = billing.period_of(now)
+        cached = self.quotas.get(name, period, now)
+        d = succeed(cached) if cached is not None else self.store.standing(name, period)
+
+        def check(standing: billing.Standing) -> None:
+            if cached is None:
+                self.quotas.put(name, standing, now)
+            if standing.over_quota:
+                raise ApiError(402, "quota_exceeded", billing.quota_message(name, standing))
+
+        return d.addCallback(check)
+
+    def report_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        try:
+            report = billing.parse_usage_report(parse_json(read_body(request, USAGE_LIMIT)))
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        name = principal(request).name
+        now = self.clock.seconds()
+        d = self.store.add_usage(
+            name, report.node_id, report.seq, billing.period_of(now), report.entries, now
+        )
+
+        def done(result: UsageResult) -> Reply:
+            self.quotas.put(name, result.standing, now)
+            body = result.standing.to_dict()
+            body.update(accepted=result.accepted, unknown=result.unknown)
+            return Reply(200, body)
+
+        return d.addCallbacks(done, _node_owned)
+
+    def _usage_period(self, request: Request) -> str:
+        """The C{period} query parameter, or the current period."""
+        text = _query_one(request, "period")
+        if text is None:
+            return self.period()
+        try:
+            return billing.parse_period(text)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    def my_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        name = principal(request).name
+        period = self._usage_period(request)
+        d = self.store.usage(period, name)
+
+        def got_rows(rows: list[billing.UsageRow]) -> Deferred[Reply]:
+            def answer(standing: billing.Standing) -> Reply:
+                body: dict[str, Any] = {"user": name, **standing.to_dict()}
+                body["uploaded_bytes"] = sum(r.uploaded for r in rows)
+                body["contents"] = [_content_usage(r) for r in rows]
+                return Reply(200, body)
+
+            return self.store.standing(name, period).addCallback(answer)
+
+        return d.addCallback(got_rows)
+
+    def export_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        period = self._usage_period(request)
+        name = _query_one(request, "user")
+        if name is not None and not auth.valid_user_name(name):
+            raise bad_request("user must be 1 to 64 characters of [A-Za-z0-9._@-]")
+        form = _query_one(request, "format") or "json"
+        if form not in ("json", "csv"):
+            raise bad_request("format must be json or csv")
+
+        def render(rows: list[billing.UsageRow]) -> Reply:
+            if form == "csv":
+                return Reply(200, billing.usage_csv(rows), content_type="text/csv; charset=utf-8")
+            return Reply(200, {"period": period, "usage": [r.to_dict() for r in rows]})
+
+        return self.store.usage(period, name).addCallback(render)
+
+    # -- reservations ------------------------------------------------------
+
+    def _with_reservations(self, name: str, answer: dict[str, Any]) -> Deferred[Reply]:
+        d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
+
+        def add(found: list[billing.Reservation]) -> Reply:
+            answer["reservations"] = [r.to_dict() for r in found]
+            return Reply(200, answer)
+
+        return d.addCallback(add)
+
+    def reserve(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        now = self.clock.seconds()
+        try:
+            wanted = billing.parse_reservation(parse_json(read_body(request, SMALL_BODY_LIMIT)), now)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        name = principal(request).name
+        d = self.store.add_reservation(uuid.uuid4().hex, name, wanted, now, billing.MAX_RESERVATIONS)
+
+        def stored(reservation: billing.Reservation | None) -> Reply:
+            if reservation is None:
+                raise ApiError(404, "unknown_content", f"no content {wanted.content_id}")
+            log.info(
+                "User {user} reserved {cid} from {start} to {end}",
+                user=name,
+                cid=wanted.content_id[:12],
+                start=wanted.start,
+                end=wanted.end,
+            )
+            return Reply(201, reservation.to_dict())
+
+        def too_many(f: Failure) -> Failure:
+            if f.check(ReservationLimit):
+                raise ApiError(409, "too_many_reservations", str(f.value))
+            return f
+
+        return d.addCallbacks(stored, too_many)
+
+    def list_reservations(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        name = principal(request).name
+        d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
+        return d.addCallback(lambda found: Reply(200, {"reservations": [r.to_dict() for r in found]}))
+
+    def cancel_reservation(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        rid = args[0]
+        if not RESERVATION_ID_RE.match(rid):
+            raise bad_request("a reservation id is 32 lowercase hex characters")
+        who = principal(request)
+        d = self.store.delete_reservation(rid, owner=None if who.role == auth.ADMIN else who.name)
+
+        def deleted(found: bool) -> Reply:
+            if not found:
+                raise ApiError(404, "unknown_reservation", f"no reservation {rid} of yours")
+            return Reply(200, {})
+
+        return d.addCallback(deleted)
+
+
+RESERVATION_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def _query_one(request: Request, name: str) -> str | None:
+    """A query parameter given at most once (400 if repeated), or None."""
+    values = (request.args or {}).get(name.encode("ascii"), [])
+    if len(values) > 1:
+        raise bad_request(f"{name} given more than once")
+    if not values:
+        return None
+    return values[0].decode("utf-8", "replace")
+
+
+def _content_usage(row: billing.UsageRow) -> dict[str, Any]:
+    d = row.to_dict()
+    del d["user"], d["period"]
+    return d
+
 
 def _node_owned(f: Failure) -> Failure:
     if f.check(NodeOwned):
@@ -726,6 +907,13 @@ _ROUTES: tuple[Route, ...] = (
     Route(b"POST", ("announce",), TrackerAPI.announce, auth.ANYONE),
     Route(b"POST", ("leave",), TrackerAPI.leave, auth.ANYONE),
     Route(b"GET", ("contents", None, "nodes"), TrackerAPI.nodes, auth.ANYONE),
+    # Billing and reservations.
+    Route(b"POST", ("usage",), TrackerAPI.report_usage, auth.ANYONE),
+    Route(b"GET", ("usage",), TrackerAPI.export_usage, auth.ADMINS),
+    Route(b"GET", ("me", "usage"), TrackerAPI.my_usage, auth.ANYONE),
+    Route(b"POST", ("reservations",), TrackerAPI.reserve, auth.ANYONE),
+    Route(b"GET", ("reservations",), TrackerAPI.list_reservations, auth.ANYONE),
+    Route(b"DELETE", ("reservations", None), TrackerAPI.cancel_reservation, auth.ANYONE),
 )
 API_PREFIX = ("api", "v1")
 
@@ -932,7 +1120,9 @@ class TrackerResource(Resource):
         log.failure("Could not write a response", f)
 
     def _success(self, reply: Reply) -> Answer:
-        return reply.status, {}, reply.body
+        if reply.content_type is None:
+            return reply.status, {}, reply.body
+        return reply.status, {"Content-Type": reply.content_type}, reply.body
 
     def _failure(self, f: Failure, request: Request, exchange: _Exchange) -> Answer:
         if f.check(ApiError):
@@ -995,7 +1185,10 @@ class TrackerResource(Resource):
         self._observe(request, exchange, status, body)
         if exchange.gone:
             return
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        if isinstance(body, bytes):  # a Reply with its own content type
+            data = body
+        else:
+            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

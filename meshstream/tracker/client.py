@@ -10,7 +10,8 @@ response), the tracker's base URL and a clock.  Every call is bounded in time
 
 Failures: L{TrackerError} (with the HTTP status and the tracker's error code
 when there is one) for HTTP errors, timeouts, unreachable trackers and
-malformed answers; L{UnknownContent} when the tracker has no such content.
+malformed answers; L{UnknownContent} when the tracker has no such content;
+L{QuotaExceeded} (a L{TrackerError}) when the user's byte quota is used up.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
-from meshstream.errors import TrackerError, UnknownContent
+from meshstream.errors import QuotaExceeded, TrackerError, UnknownContent
 from meshstream.manifest import Manifest, ManifestError, load_public_key
 
 log = Logger()
@@ -285,7 +286,11 @@ class TrackerClient:
         contents: Iterable[str],
         state: Mapping[str, float],
     ) -> Deferred[dict[str, Any]]:
-        """Announce; fire with C{{"interval", "expires_in", "unknown"}}."""
+        """
+        Announce; fire with C{{"interval", "expires_in", "unknown",
+        "reservations"}} (the user's unfinished reservations, as
+        L{reservations} gives them).
+        """
         body = {
             "node_id": node_id,
             "address": address,
@@ -344,6 +349,65 @@ class TrackerClient:
         """Tell the tracker this node is gone."""
         d = self._call("POST", "/api/v1/leave", _encode({"node_id": node_id}))
         return d.addCallback(lambda _: None)
+
+    # -- billing and reservations ----------------------------------------------
+
+    def report_usage(
+        self, node_id: str, seq: int, contents: Mapping[str, Mapping[str, int]]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Report what node C{node_id} counted since its previous report:
+        C{contents} maps content ids to C{{"from_peers", "from_servers",
+        "from_origin", "uploaded"}} (missing counters are 0).  C{seq} must
+        grow from one new report to the next; a report sent again with the
+        same C{seq} is not counted twice.  Fire with C{{"period",
+        "used_bytes", "quota_bytes", "accepted", "unknown"}}.
+        """
+        body = {
+            "node_id": node_id,
+            "seq": seq,
+            "contents": [{"content_id": cid, **counts} for cid, counts in contents.items()],
+        }
+        return self._call("POST", "/api/v1/usage", _encode(body)).addCallback(_object)
+
+    def usage(self, period: str | None = None) -> Deferred[dict[str, Any]]:
+        """
+        The logged-in user's usage in C{period} (C{YYYY-MM}; default the
+        current month): C{{"user", "period", "used_bytes", "quota_bytes",
+        "uploaded_bytes", "contents": [...]}}.
+        """
+        path = "/api/v1/me/usage" + _query(period=period)
+        return self._call("GET", path).addCallback(_object)
+
+    def usage_export(self, period: str | None = None, user: str | None = None) -> Deferred[dict[str, Any]]:
+        """(Admins.) Every user's (or C{user}'s) usage rows: C{{"period", "usage": [...]}}."""
+        path = "/api/v1/usage" + _query(period=period, user=user, format="json")
+        return self._call("GET", path).addCallback(_object)
+
+    def reserve(self, content_id: str, start: float, end: float) -> Deferred[dict[str, Any]]:
+        """
+        Reserve C{content_id} from C{start} to C{end} (unix seconds, rounded
+        down); fire with C{{"id", "content_id", "start", "end", "created"}}.
+        """
+        body = {"content_id": content_id, "start": int(start), "end": int(end)}
+        d = self._call("POST", "/api/v1/reservations", _encode(body), content_id=content_id)
+        return d.addCallback(_object)
+
+    def reservations(self) -> Deferred[list[dict[str, Any]]]:
+        """The logged-in user's reservations that have not ended, by start."""
+
+        def parse(body: object) -> list[dict[str, Any]]:
+            found = _object(body).get("reservations")
+            if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
+                raise TrackerError("tracker reservation list is malformed")
+            return found
+
+        return self._call("GET", "/api/v1/reservations").addCallback(parse)
+
+    def cancel_reservation(self, reservation_id: str) -> Deferred[None]:
+        """Delete one of the user's reservations (an admin may delete anyone's)."""
+        path = f"/api/v1/reservations/{quote(reservation_id, safe='')}"
+        return self._call("DELETE", path).addCallback(lambda _: None)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -438,6 +502,8 @@ class TrackerClient:
                 message = f"{message}: {err['message']}"
         if status == 404 and code == "unknown_content":
             raise UnknownContent(content_id or message)
+        if status == 402 and code == "quota_exceeded":
+            raise QuotaExceeded(message, status, code)
         raise TrackerError(message, status, code)
 
     def _translate(self, f: Failure, method: str, url: str) -> Failure:
@@ -450,6 +516,12 @@ class TrackerClient:
 
 def _encode(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def _query(**params: str | None) -> str:
+    """C{?a=1&b=2} of the parameters that are not None, or C{""}."""
+    given = [(k, v) for k, v in params.items() if v is not None]
+    return "?" + urlencode(given) if given else ""
 
 
 def _object(body: object) -> dict[str, Any]:

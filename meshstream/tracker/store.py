@@ -26,7 +26,7 @@ L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 Write transactions touch C{nodes} before C{holdings}, so that concurrent
 announces, leaves and purges from several trackers lock rows in one order.
 
-Schema (version 2)::
+Schema (version 3)::
 
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
@@ -36,6 +36,13 @@ Schema (version 2)::
   users(name TEXT PK, password TEXT (scrypt hash), role TEXT,
         disabled INTEGER, quota_bytes BIGINT NULL, created REAL)
   tokens(digest TEXT PK (SHA-256 of the bearer token), name TEXT, expires REAL)
+  usage(name TEXT, period TEXT (YYYY-MM, UTC), content_id TEXT,
+        from_peers, from_servers, from_origin, uploaded BIGINT,
+        PK (name, period, content_id))
+  usage_reports(node_id TEXT, name TEXT, seq BIGINT (the last one counted),
+                received REAL, PK (node_id, name))
+  reservations(id TEXT PK, name TEXT, content_id TEXT, starts BIGINT,
+               ends BIGINT (unix seconds), created REAL)
 """
 
 from __future__ import annotations
@@ -55,7 +62,9 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-SCHEMA_VERSION = 2
+from meshstream.tracker.billing import Reservation, ReservationRequest, Standing, UsageEntry, UsageRow
+
+SCHEMA_VERSION = 3
 
 # Connections (and threads) per PostgreSQL pool; SQLite uses one.
 POSTGRES_POOL_SIZE = 4
@@ -212,6 +221,22 @@ class _SQL:
             "CREATE INDEX tokens_expires ON tokens (expires)",
             "ALTER TABLE nodes ADD COLUMN owner TEXT",
         ),
+        # Billing (usage records) and reservations.
+        3: (
+            "CREATE TABLE usage ("
+            " name TEXT NOT NULL, period TEXT NOT NULL, content_id TEXT NOT NULL,"
+            " from_peers BIGINT NOT NULL, from_servers BIGINT NOT NULL,"
+            " from_origin BIGINT NOT NULL, uploaded BIGINT NOT NULL,"
+            " PRIMARY KEY (name, period, content_id))",
+            "CREATE INDEX usage_period ON usage (period)",
+            "CREATE TABLE usage_reports ("
+            " node_id TEXT NOT NULL, name TEXT NOT NULL, seq BIGINT NOT NULL, received REAL NOT NULL,"
+            " PRIMARY KEY (node_id, name))",
+            "CREATE TABLE reservations ("
+            " id TEXT PRIMARY KEY, name TEXT NOT NULL, content_id TEXT NOT NULL,"
+            " starts BIGINT NOT NULL, ends BIGINT NOT NULL, created REAL NOT NULL)",
+            "CREATE INDEX reservations_name ON reservations (name, ends)",
+        ),
     }
 
     insert_manifest = (
@@ -261,6 +286,41 @@ class _SQL:
     ping = "SELECT 1"
     count_live_nodes = "SELECT COUNT(*) FROM nodes WHERE last_seen >= ?"
     count_manifests = "SELECT COUNT(*) FROM manifests"
+
+    # -- billing and reservations
+    # Counts a report unless its seq is not above the last one counted.
+    claim_report = (
+        "INSERT INTO usage_reports (node_id, name, seq, received) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (node_id, name) DO UPDATE SET seq = excluded.seq, received = excluded.received"
+        " WHERE usage_reports.seq < excluded.seq"
+    )
+    add_usage = (
+        "INSERT INTO usage (name, period, content_id, from_peers, from_servers, from_origin, uploaded)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name, period, content_id) DO UPDATE SET"
+        " from_peers = usage.from_peers + excluded.from_peers,"
+        " from_servers = usage.from_servers + excluded.from_servers,"
+        " from_origin = usage.from_origin + excluded.from_origin,"
+        " uploaded = usage.uploaded + excluded.uploaded"
+    )
+    # One row (if the user exists): the quota and the bytes downloaded in a period.
+    standing = (
+        "SELECT quota_bytes, (SELECT COALESCE(SUM(g.from_peers + g.from_servers + g.from_origin), 0)"
+        " FROM usage g WHERE g.name = ? AND g.period = ?) FROM users WHERE name = ?"
+    )
+    _usage_columns = "name, period, content_id, from_peers, from_servers, from_origin, uploaded"
+    usage_of_user = f"SELECT {_usage_columns} FROM usage WHERE period = ? AND name = ? ORDER BY content_id"
+    usage_of_period = f"SELECT {_usage_columns} FROM usage WHERE period = ? ORDER BY name, content_id"
+
+    _reservation_columns = "id, name, content_id, starts, ends, created"
+    insert_reservation = f"INSERT INTO reservations ({_reservation_columns}) VALUES (?, ?, ?, ?, ?, ?)"
+    count_reservations = "SELECT COUNT(*) FROM reservations WHERE name = ? AND ends > ?"
+    delete_ended_reservations = "DELETE FROM reservations WHERE name = ? AND ends <= ?"
+    active_reservations = (
+        f"SELECT {_reservation_columns} FROM reservations WHERE name = ? AND ends > ?"
+        " ORDER BY starts, id LIMIT ?"
+    )
+    delete_reservation = "DELETE FROM reservations WHERE id = ?"
+    delete_own_reservation = "DELETE FROM reservations WHERE id = ? AND name = ?"
 
 
 @frozen
@@ -317,6 +377,36 @@ def _user(row: Sequence[Any]) -> UserRecord:
 
 #: The user columns L{TrackerStore.update_user} may set.
 _USER_COLUMNS = frozenset({"password", "role", "disabled", "quota_bytes"})
+
+
+class ReservationLimit(Exception):
+    """A user already holds as many unfinished reservations as allowed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} unfinished reservations per user")
+        self.limit = limit
+
+
+@frozen
+class UsageResult:
+    """What the store did with a usage report."""
+
+    #: False when the report's seq was not above the last one counted (nothing added).
+    accepted: bool
+    #: Content ids with no registered manifest (not counted).
+    unknown: list[str]
+    #: The user's standing after the report.
+    standing: Standing
+
+
+def _reservation(row: Sequence[Any]) -> Reservation:
+    rid, name, content_id, starts, ends, created = row
+    return Reservation(str(rid), str(name), str(content_id), int(starts), int(ends), float(created))
+
+
+def _usage_row(row: Sequence[Any]) -> UsageRow:
+    name, period, content_id, *counters = row
+    return UsageRow(str(name), str(period), str(content_id), *(int(c) for c in counters))
 
 
 def _decode_state(text: str) -> dict[str, Any]:
@@ -680,6 +770,113 @@ class TrackerStore:
             nodes = int(txn.fetchone()[0])
             txn.execute(self._q(_SQL.count_manifests))
             return nodes, int(txn.fetchone()[0])
+
+        return self._interaction(run)
+
+    # -- billing and reservations ---------------------------------------------
+
+    def _standing(self, txn: Cursor, name: str, period: str) -> Standing:
+        txn.execute(self._q(_SQL.standing), (name, period, name))
+        row = txn.fetchone()
+        if row is None:
+            return Standing(period, 0, None)
+        quota, used = row
+        return Standing(period, int(used), None if quota is None else int(quota))
+
+    def add_usage(
+        self,
+        name: str,
+        node_id: str,
+        seq: int,
+        period: str,
+        entries: Sequence[UsageEntry],
+        received: float,
+    ) -> Deferred[UsageResult]:
+        """
+        Add a node's report to user C{name}'s rows for C{period}, in one
+        transaction, unless C{seq} is not above the last one counted for
+        (C{node_id}, C{name}).  Contents with no manifest are left out.
+        Fails with L{NodeOwned} (adding nothing) if the node belongs to
+        another user; a node never announced is fine.
+        """
+        # Sorted, so that concurrent reports lock usage rows in one order.
+        ordered = sorted(entries, key=lambda e: e.content_id)
+
+        def run(txn: Cursor) -> UsageResult:
+            self._begin(txn)
+            self._check_owner(txn, node_id, name)
+            known = self._known(txn, [e.content_id for e in ordered])
+            unknown = [e.content_id for e in entries if e.content_id not in known]
+            txn.execute(self._q(_SQL.claim_report), (node_id, name, seq, received))
+            accepted = txn.rowcount == 1
+            if accepted:
+                txn.executemany(
+                    self._q(_SQL.add_usage),
+                    [(name, period, e.content_id, *e.counters()) for e in ordered if e.content_id in known],
+                )
+            return UsageResult(accepted, unknown, self._standing(txn, name, period))
+
+        return self._interaction(run)
+
+    def standing(self, name: str, period: str) -> Deferred[Standing]:
+        """User C{name}'s downloaded bytes in C{period} and quota (one query)."""
+        return self._interaction(self._standing, name, period)
+
+    def usage(self, period: str, name: str | None = None) -> Deferred[list[UsageRow]]:
+        """The usage rows of C{period} (of one user, or of all), by user and content id."""
+
+        def run(txn: Cursor) -> list[UsageRow]:
+            if name is None:
+                txn.execute(self._q(_SQL.usage_of_period), (period,))
+            else:
+                txn.execute(self._q(_SQL.usage_of_user), (period, name))
+            return [_usage_row(row) for row in txn.fetchall()]
+
+        return self._interaction(run)
+
+    def add_reservation(
+        self, rid: str, name: str, wanted: ReservationRequest, now: float, limit: int
+    ) -> Deferred[Reservation | None]:
+        """
+        Store a reservation; fire with it, or with None if the content is
+        unknown.  Fails with L{ReservationLimit} if C{name} already holds
+        C{limit} unfinished ones.  The user's finished reservations go.
+        """
+
+        def run(txn: Cursor) -> Reservation | None:
+            self._begin(txn)
+            txn.execute(self._q(_SQL.has_manifest), (wanted.content_id,))
+            if txn.fetchone() is None:
+                return None
+            txn.execute(self._q(_SQL.delete_ended_reservations), (name, now))
+            txn.execute(self._q(_SQL.count_reservations), (name, now))
+            if int(txn.fetchone()[0]) >= limit:
+                raise ReservationLimit(limit)
+            row = (rid, name, wanted.content_id, wanted.start, wanted.end, now)
+            txn.execute(self._q(_SQL.insert_reservation), row)
+            return _reservation(row)
+
+        return self._interaction(run)
+
+    def reservations(self, name: str, now: float, limit: int) -> Deferred[list[Reservation]]:
+        """User C{name}'s unfinished reservations (at most C{limit}), by start."""
+
+        def run(txn: Cursor) -> list[Reservation]:
+            txn.execute(self._q(_SQL.active_reservations), (name, now, limit))
+            return [_reservation(row) for row in txn.fetchall()]
+
+        return self._interaction(run)
+
+    def delete_reservation(self, rid: str, owner: str | None = None) -> Deferred[bool]:
+        """Delete a reservation (only if it is C{owner}'s, when given); fire with whether it went."""
+
+        def run(txn: Cursor) -> bool:
+            self._begin(txn)
+            if owner is None:
+                txn.execute(self._q(_SQL.delete_reservation), (rid,))
+            else:
+                txn.execute(self._q(_SQL.delete_own_reservation), (rid, owner))
+            return bool(txn.rowcount)
 
         return self._interaction(run)
 

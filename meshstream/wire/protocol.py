@@ -142,6 +142,8 @@ class PeerProtocol(Protocol):
         self.ready: Deferred[PeerProtocol] = Deferred()
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Sub block payload bytes served, by content id (hex): for usage reports.
+        self.served: dict[str, int] = {}
         self._queue: deque[tuple[bytes, int, int]] = deque()
         self._hashes_sent: set[tuple[bytes, int]] = set()
         self._paused = False
@@ -382,6 +384,7 @@ class PeerProtocol(Protocol):
                 continue
             header = F.encode_data_header(cid, block, sub, len(data))
             self.bytes_sent += len(header) + len(data)
+            self.served[cid_hex] = self.served.get(cid_hex, 0) + len(data)
             if self.limiter is not None:
                 self.limiter.spend(len(data))
             self.transport.writeSequence([header, data])  # type: ignore[union-attr]
@@ -426,6 +429,7 @@ class PeerFactory(Factory):
         self.max_frame = max_frame
         self.connections: set[PeerProtocol] = set()
         self._closed_bytes_sent = 0
+        self._closed_served: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
         proto = PeerProtocol(
@@ -450,11 +454,21 @@ class PeerFactory(Factory):
         if proto in self.connections:
             self.connections.discard(proto)
             self._closed_bytes_sent += proto.bytes_sent
+            for cid, n in proto.served.items():
+                self._closed_served[cid] = self._closed_served.get(cid, 0) + n
 
     @property
     def bytes_sent(self) -> int:
         """Bytes sent to peers since start, closed connections included."""
         return self._closed_bytes_sent + sum(p.bytes_sent for p in self.connections)
+
+    def served(self) -> dict[str, int]:
+        """Sub block payload bytes served since start by content id, closed connections included."""
+        total = dict(self._closed_served)
+        for proto in self.connections:
+            for cid, n in proto.served.items():
+                total[cid] = total.get(cid, 0) + n
+        return total
 
     def close_all(self) -> None:
         for proto in list(self.connections):
