@@ -57,7 +57,7 @@ from meshstream.tracker.store import SCHEMA_VERSION, StoreError, parse_db_url
 from tests._accounts import PASSWORD, make_user
 from tests._pg import SKIP_PG, pg_query, pg_schema_url
 
-TABLES = {"manifests", "nodes", "holdings", "schema_version", "users", "tokens"}
+TABLES = {"manifests", "nodes", "holdings", "schema_version", "users", "tokens", "contents"}
 ALL_VERSIONS = [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 INTERVAL = 30.0
 EXPIRE_AFTER = 3
