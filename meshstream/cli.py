@@ -2,7 +2,7 @@
 """
 The C{meshstream} command.
 
-    meshstream publish FILE [--tracker URL] [--origin URL]... [-o MANIFEST]
+    meshstream publish FILE [--tracker URL] [--origin URL]... [--title TITLE] [-o MANIFEST]
     meshstream fetch (CONTENT_ID | --manifest FILE) [--source URL]... [--tracker URL] -o OUT
     meshstream demo [--file FILE] [--size 32M] [--rates 2M,4M,8M] [--kill-at 0.5]
     meshstream tracker user (add|list|disable|enable|passwd|quota) ... [--db URL]
@@ -14,7 +14,7 @@ entry point, like the taps, so it may read the global reactor.
 from __future__ import annotations
 
 import argparse
-import mimetypes
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -39,6 +39,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _title(text: str) -> str:
+    from meshstream.tracker.catalog import MAX_TITLE, clean_text
+
+    title = clean_text(text, MAX_TITLE)
+    if title is None:
+        raise argparse.ArgumentTypeError(
+            f"a title is 1 to {MAX_TITLE} characters, without control characters"
+        )
+    return title
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshstream", description="Peer-assisted streaming.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,6 +62,17 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE)
     pub.add_argument("--sub-block-size", type=_size, default=DEFAULT_SUB_BLOCK_SIZE)
     pub.add_argument("--name", help="content name (default: the file's name)")
+    pub.add_argument(
+        "--title",
+        type=_title,
+        help="title to list and search the content by (default: the container's title tag, else the"
+        " file name without extension)",
+    )
+    pub.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not run ffprobe: MIME type from the file name, no duration or bitrate",
+    )
     from meshstream.fetch import add_login_arguments
 
     add_login_arguments(pub)
@@ -81,7 +103,7 @@ def publish(args: argparse.Namespace) -> int:
     if not os.path.isfile(path):
         print(f"meshstream publish: no such file: {path}", file=sys.stderr)
         return 2
-    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    from meshstream.probe import describe, find_ffprobe
     from meshstream.tracker.client import load_credentials
 
     try:
@@ -90,13 +112,14 @@ def publish(args: argparse.Namespace) -> int:
         print(f"meshstream publish: {e}", file=sys.stderr)
         return 2
     try:
+        meta = describe(path, args.title, None if args.no_probe else find_ffprobe())
         manifest, _ = build_manifest(
             path,
             args.block_size,
             args.sub_block_size,
             origins=args.origin,
             name=args.name,
-            meta={"mime_type": mime},
+            meta=meta,
         )
     except (ManifestError, OSError) as e:
         print(f"meshstream publish: {e}", file=sys.stderr)
@@ -131,7 +154,20 @@ def publish(args: argparse.Namespace) -> int:
         f.write(manifest.to_json())
     signed = "signed" if manifest.signature else "unsigned"
     print(f"{manifest.content_id}  {manifest.size} bytes, {manifest.num_blocks} blocks, {signed}: {out}")
+    print(f"  {_describe_meta(manifest.meta)}")
     return 0
+
+
+def _describe_meta(meta: dict[str, Any]) -> str:
+    """One line about what the file is: C{"Title" video/mp4, 3.0 s, 350 kbit/s}."""
+    parts = [f"{json.dumps(meta.get('title'), ensure_ascii=False)} {meta.get('mime_type')}"]
+    if "duration" in meta:
+        parts.append(f"{meta['duration']:.1f} s")
+    if "bitrate" in meta:
+        parts.append(f"{meta['bitrate'] / 1000:.0f} kbit/s")
+    if len(parts) == 1:
+        parts.append("no media information")
+    return ", ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,7 @@ TABLES = {
     "usage",
     "usage_reports",
     "reservations",
+    "contents",
 }
 ALL_VERSIONS = [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 INTERVAL = 30.0

@@ -44,8 +44,9 @@ from zope.interface import Interface
 
 from meshstream import tickets
 from meshstream.manifest import Manifest, ManifestError, public_key_text
-from meshstream.tracker import auth, billing
+from meshstream.tracker import auth, billing, catalog
 from meshstream.tracker.auth import Principal
+from meshstream.tracker.catalog import ContentInfo
 from meshstream.tracker.metrics import (
     LOGIN_BAD_CREDENTIALS,
     LOGIN_DISABLED,
@@ -309,6 +310,62 @@ def parse_ticket_node(args: Mapping[bytes, Sequence[bytes]]) -> str | None:
     if not nodes:
         return None
     return parse_node_id(nodes[0].decode("utf-8", "replace"))
+
+
+# The content catalogue (claim 35).
+DEFAULT_CONTENTS_LIMIT = 50
+MAX_CONTENTS_LIMIT = 200
+
+
+@frozen
+class ContentsQuery:
+    """A validated C{GET /contents} query."""
+
+    query: str | None = None
+    mime_prefix: str | None = None
+    limit: int = DEFAULT_CONTENTS_LIMIT
+    offset: int = 0
+
+
+def _single(args: Mapping[bytes, Sequence[bytes]], name: str) -> bytes | None:
+    values = args.get(name.encode("ascii"), [])
+    if len(values) > 1:
+        raise bad_request(f"{name} given more than once")
+    return values[0] if values else None
+
+
+def _count(text: bytes | None, name: str, default: int, minimum: int) -> int:
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 9 or int(text) < minimum:
+        raise bad_request(f"{name} must be an integer of at least {minimum}")
+    return int(text)
+
+
+def parse_contents_query(args: Mapping[bytes, Sequence[bytes]]) -> ContentsQuery:
+    """
+    C{q} (a substring of the title or name; empty means any), C{mime} (a
+    MIME type prefix such as C{video/}), C{limit} (default 50, clamped to
+    200) and C{offset} (default 0).  Unknown parameters are ignored.
+    """
+    query: str | None = None
+    raw_q = _single(args, "q")
+    if raw_q:
+        try:
+            query = raw_q.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("q must be UTF-8") from None
+        if not catalog.valid_query(query):
+            raise bad_request(f"q must be at most {catalog.MAX_QUERY} characters, without control characters")
+    mime: str | None = None
+    raw_mime = _single(args, "mime")
+    if raw_mime:
+        mime = raw_mime.decode("ascii", "replace").lower()
+        if not catalog.MIME_PREFIX_RE.match(mime):
+            raise bad_request("mime must be the start of a MIME type, such as video/ or audio/mp4")
+    limit = min(_count(_single(args, "limit"), "limit", DEFAULT_CONTENTS_LIMIT, 1), MAX_CONTENTS_LIMIT)
+    offset = _count(_single(args, "offset"), "offset", 0, 0)
+    return ContentsQuery(query, mime, limit, offset)
 
 
 # -- the API -----------------------------------------------------------------
@@ -641,7 +698,8 @@ class TrackerAPI:
             raise ApiError(400, "bad_manifest", str(e)) from None
         except (RecursionError, TypeError, ValueError) as e:
             raise ApiError(400, "bad_manifest", f"malformed manifest: {e}") from None
-        d = self.store.add_manifest(signed.content_id, text, self.clock.seconds())
+        entry = catalog.entry_for(signed.content_id, signed.name, signed.size, signed.meta)
+        d = self.store.add_manifest(signed.content_id, text, self.clock.seconds(), entry)
 
         def stored(result: tuple[bool, str]) -> Reply:
             created, stored_text = result
@@ -870,6 +928,30 @@ class TrackerAPI:
 
         return d.addCallback(deleted)
 
+    # -- the content catalogue ---------------------------------------------
+
+    def contents(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        query = parse_contents_query(request.args or {})
+        d = self.store.search_contents(
+            self.clock.seconds() - self.ttl, query.query, query.mime_prefix, query.limit, query.offset
+        )
+
+        def listed(result: tuple[list[ContentInfo], int]) -> Reply:
+            page, total = result
+            return Reply(200, {"contents": [c.to_dict() for c in page], "total": total})
+
+        return d.addCallback(listed)
+
+    def content(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        content_id = parse_content_id(args[0])
+
+        def found(info: ContentInfo | None) -> Reply:
+            if info is None:
+                raise ApiError(404, "unknown_content", f"no content {content_id}")
+            return Reply(200, info.to_dict())
+
+        return self.store.get_content(content_id, self.clock.seconds() - self.ttl).addCallback(found)
+
 
 RESERVATION_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -914,6 +996,8 @@ _ROUTES: tuple[Route, ...] = (
     Route(b"POST", ("reservations",), TrackerAPI.reserve, auth.ANYONE),
     Route(b"GET", ("reservations",), TrackerAPI.list_reservations, auth.ANYONE),
     Route(b"DELETE", ("reservations", None), TrackerAPI.cancel_reservation, auth.ANYONE),
+    Route(b"GET", ("contents",), TrackerAPI.contents, auth.ANYONE),
+    Route(b"GET", ("contents", None), TrackerAPI.content, auth.ANYONE),
 )
 API_PREFIX = ("api", "v1")
 

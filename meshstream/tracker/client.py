@@ -35,6 +35,7 @@ from twisted.web.http_headers import Headers
 
 from meshstream.errors import QuotaExceeded, TrackerError, UnknownContent
 from meshstream.manifest import Manifest, ManifestError, load_public_key
+from meshstream.tracker.catalog import ContentInfo
 
 log = Logger()
 
@@ -64,6 +65,14 @@ class NodeList:
     nodes: list[NodeInfo] = field(hash=False)
     ticket: bytes | None = None
     expires: float | None = None
+
+
+@frozen
+class ContentPage:
+    """A page of the tracker's catalogue, and how many contents matched in all."""
+
+    contents: list[ContentInfo] = field(hash=False)
+    total: int
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -345,6 +354,46 @@ class TrackerClient:
 
         return self._call("GET", path, content_id=content_id).addCallback(parse)
 
+    def search(
+        self,
+        query: str | None = None,
+        mime: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Deferred[ContentPage]:
+        """
+        The tracker's catalogue, newest first: the contents whose title or
+        name contains C{query} (caselessly) and whose MIME type starts with
+        C{mime}.  Malformed entries are logged and left out.
+        """
+        params = [("limit", str(limit)), ("offset", str(offset))]
+        if query:
+            params.append(("q", query))
+        if mime:
+            params.append(("mime", mime))
+        path = f"/api/v1/contents?{urlencode(params)}"
+
+        def parse(body: object) -> ContentPage:
+            doc = _object(body)
+            entries, total = doc.get("contents"), doc.get("total")
+            if not isinstance(entries, list) or isinstance(total, bool) or not isinstance(total, int):
+                raise TrackerError("tracker content list is malformed")
+            return ContentPage([c for c in (_content(e) for e in entries) if c is not None], total)
+
+        return self._call("GET", path).addCallback(parse)
+
+    def content(self, content_id: str) -> Deferred[ContentInfo]:
+        """One content's catalogue entry; L{UnknownContent} if the tracker has none."""
+        path = f"/api/v1/contents/{quote(content_id, safe='')}"
+
+        def parse(body: object) -> ContentInfo:
+            try:
+                return ContentInfo.from_dict(body)
+            except ValueError as e:
+                raise TrackerError(f"tracker sent a bad content entry: {e}") from None
+
+        return self._call("GET", path, content_id=content_id).addCallback(parse)
+
     def leave(self, node_id: str) -> Deferred[None]:
         """Tell the tracker this node is gone."""
         d = self._call("POST", "/api/v1/leave", _encode({"node_id": node_id}))
@@ -555,3 +604,12 @@ def _node(entry: object) -> NodeInfo | None:
         log.warn("Ignoring a malformed node entry from the tracker: {error}", error=e)
         return None
     return NodeInfo(node_id, host, port, state, float(last_seen))
+
+
+def _content(entry: object) -> ContentInfo | None:
+    """One entry of a content list, or None (logged) if it is malformed."""
+    try:
+        return ContentInfo.from_dict(entry)
+    except ValueError as e:
+        log.warn("Ignoring a malformed content entry from the tracker: {error}", error=e)
+        return None

@@ -26,7 +26,7 @@ L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 Write transactions touch C{nodes} before C{holdings}, so that concurrent
 announces, leaves and purges from several trackers lock rows in one order.
 
-Schema (version 3)::
+Schema (version 4)::
 
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
@@ -43,6 +43,14 @@ Schema (version 3)::
                 received REAL, PK (node_id, name))
   reservations(id TEXT PK, name TEXT, content_id TEXT, starts BIGINT,
                ends BIGINT (unix seconds), created REAL)
+  contents(content_id TEXT PK, title TEXT NULL, name TEXT, mime_type TEXT NULL,
+           size BIGINT, duration REAL NULL, bitrate BIGINT NULL, created REAL,
+           search TEXT (folded title and name, see L{catalog.search_key}))
+
+C{contents} is the catalogue (L{meshstream.tracker.catalog}): one row per
+manifest, written in the manifest's transaction; L{TrackerStore.start} also
+indexes any manifest without a row (those registered before version 4, or by
+an older tracker process sharing the database).
 """
 
 from __future__ import annotations
@@ -62,9 +70,11 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from meshstream.tracker import catalog
 from meshstream.tracker.billing import Reservation, ReservationRequest, Standing, UsageEntry, UsageRow
+from meshstream.tracker.catalog import ContentEntry, ContentInfo
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Connections (and threads) per PostgreSQL pool; SQLite uses one.
 POSTGRES_POOL_SIZE = 4
@@ -237,6 +247,14 @@ class _SQL:
             " starts BIGINT NOT NULL, ends BIGINT NOT NULL, created REAL NOT NULL)",
             "CREATE INDEX reservations_name ON reservations (name, ends)",
         ),
+        # The content catalogue (claim 35).
+        4: (
+            "CREATE TABLE contents ("
+            " content_id TEXT PRIMARY KEY, title TEXT, name TEXT NOT NULL, mime_type TEXT,"
+            " size BIGINT NOT NULL, duration REAL, bitrate BIGINT, created REAL NOT NULL,"
+            " search TEXT NOT NULL)",
+            "CREATE INDEX contents_created ON contents (created, content_id)",
+        ),
     }
 
     insert_manifest = (
@@ -321,6 +339,31 @@ class _SQL:
     )
     delete_reservation = "DELETE FROM reservations WHERE id = ?"
     delete_own_reservation = "DELETE FROM reservations WHERE id = ? AND name = ?"
+
+    # -- the content catalogue ------------------------------------------------
+    insert_content = (
+        "INSERT INTO contents"
+        " (content_id, title, name, mime_type, size, duration, bitrate, created, search)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (content_id) DO NOTHING"
+    )
+    unindexed_manifests = (
+        "SELECT m.content_id, m.created FROM manifests m"
+        " WHERE NOT EXISTS (SELECT 1 FROM contents c WHERE c.content_id = m.content_id)"
+    )
+    # {where} is built from the fixed clauses below.  The live holders are
+    # counted for the page's rows only.
+    contents_page = (
+        "SELECT p.content_id, p.title, p.name, p.mime_type, p.size, p.duration, p.bitrate, p.created,"
+        " (SELECT COUNT(*) FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
+        " WHERE h.content_id = p.content_id AND n.last_seen >= ?)"
+        " FROM (SELECT content_id, title, name, mime_type, size, duration, bitrate, created"
+        " FROM contents{where} ORDER BY created DESC, content_id DESC LIMIT ? OFFSET ?) p"
+        " ORDER BY p.created DESC, p.content_id DESC"
+    )
+    count_contents = "SELECT COUNT(*) FROM contents{where}"
+    content_matches = f"search LIKE ? ESCAPE '{catalog.LIKE_ESCAPE}'"
+    content_mime_prefix = f"mime_type LIKE ? ESCAPE '{catalog.LIKE_ESCAPE}'"
+    content_by_id = "content_id = ?"
 
 
 @frozen
@@ -439,6 +482,10 @@ class TrackerStore:
         self.errors = 0
         dbapi = getattr(pool, "dbapi", None)
         self._driver_errors: tuple[type[BaseException], ...] = (dbapi.Error,) if dbapi is not None else ()
+        #: How many manifests the last L{start} indexed into the catalogue,
+        #: and the ids of those it could not read.
+        self.indexed_at_start = 0
+        self.unindexable: list[str] = []
 
     # -- plumbing ----------------------------------------------------------
 
@@ -481,6 +528,12 @@ class TrackerStore:
         def done(version: int) -> int:
             self._ready = True
             self._release(None)
+            if self.indexed_at_start:
+                self.log.info("Indexed {count} manifests into the catalogue", count=self.indexed_at_start)
+            for content_id in self.unindexable:
+                self.log.warn(
+                    "Stored manifest {content_id} is unreadable: not in the catalogue", content_id=content_id
+                )
             return version
 
         def failed(f: Failure) -> Failure:
@@ -506,6 +559,7 @@ class TrackerStore:
             for statement in _SQL.migrations[step]:
                 txn.execute(self._q(statement))
             txn.execute(self._q(_SQL.set_schema_version), (step,))
+        self._index_manifests(txn)
         return SCHEMA_VERSION
 
     def close(self) -> None:
@@ -526,9 +580,13 @@ class TrackerStore:
 
         return self._interaction(run)
 
-    def add_manifest(self, content_id: str, text: str, created: float) -> Deferred[tuple[bool, str]]:
+    def add_manifest(
+        self, content_id: str, text: str, created: float, entry: ContentEntry | None = None
+    ) -> Deferred[tuple[bool, str]]:
         """
-        Store a manifest unless one with that id exists (first one wins).
+        Store a manifest unless one with that id exists (first one wins),
+        and its catalogue C{entry} with it (without one, the next L{start}
+        indexes it).
 
         Fire with C{(created, stored_json)}.
         """
@@ -537,6 +595,8 @@ class TrackerStore:
             self._begin(txn)
             txn.execute(self._q(_SQL.insert_manifest), (content_id, text, created))
             inserted = txn.rowcount == 1
+            if inserted and entry is not None:
+                self._insert_content(txn, entry, created)
             txn.execute(self._q(_SQL.get_manifest), (content_id,))
             row = txn.fetchone()
             return inserted, str(row[0])
@@ -877,6 +937,93 @@ class TrackerStore:
             else:
                 txn.execute(self._q(_SQL.delete_own_reservation), (rid, owner))
             return bool(txn.rowcount)
+
+        return self._interaction(run)
+
+    # -- the content catalogue ------------------------------------------------
+
+    def _insert_content(self, txn: Cursor, entry: ContentEntry, created: float) -> None:
+        txn.execute(
+            self._q(_SQL.insert_content),
+            (
+                entry.content_id,
+                entry.title,
+                entry.name,
+                entry.mime_type,
+                entry.size,
+                entry.duration,
+                entry.bitrate,
+                created,
+                entry.search_key,
+            ),
+        )
+
+    def _index_manifests(self, txn: Cursor) -> None:
+        """
+        Give every manifest without a catalogue row its row (one manifest
+        read at a time: they may be large).  Runs in the migration's
+        transaction, so trackers starting together do it one after the other.
+        """
+        self.unindexable = []
+        txn.execute(self._q(_SQL.unindexed_manifests))
+        missing = [(str(cid), float(created)) for cid, created in txn.fetchall()]
+        indexed = 0
+        for content_id, created in missing:
+            txn.execute(self._q(_SQL.get_manifest), (content_id,))
+            row = txn.fetchone()
+            try:
+                doc = json.loads(row[0]) if row is not None else None
+            except (ValueError, RecursionError):
+                doc = None
+            entry = catalog.entry_from_document(content_id, doc)
+            if entry is None:
+                self.unindexable.append(content_id)
+                continue
+            self._insert_content(txn, entry, created)
+            indexed += 1
+        self.indexed_at_start = indexed
+
+    def search_contents(
+        self,
+        seen_since: float,
+        query: str | None = None,
+        mime_prefix: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Deferred[tuple[list[ContentInfo], int]]:
+        """
+        The catalogue, newest first: the contents whose title or name
+        contains C{query} (caselessly, see L{catalog.fold}) and whose MIME
+        type starts with C{mime_prefix}; fire with C{(page, total)}, each
+        entry counting its holders heard from at or after C{seen_since}.
+        """
+        clauses: list[str] = []
+        params: list[object] = []
+        if query is not None:
+            clauses.append(_SQL.content_matches)
+            params.append(catalog.contains_pattern(query))
+        if mime_prefix is not None:
+            clauses.append(_SQL.content_mime_prefix)
+            params.append(catalog.prefix_pattern(mime_prefix))
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+
+        def run(txn: Cursor) -> tuple[list[ContentInfo], int]:
+            self._begin(txn)  # the page and the total in one transaction
+            txn.execute(self._q(_SQL.contents_page.format(where=where)), (seen_since, *params, limit, offset))
+            page = [catalog.info_from_row(tuple(row)) for row in txn.fetchall()]
+            txn.execute(self._q(_SQL.count_contents.format(where=where)), tuple(params))
+            return page, int(txn.fetchone()[0])
+
+        return self._interaction(run)
+
+    def get_content(self, content_id: str, seen_since: float) -> Deferred[ContentInfo | None]:
+        """One content's catalogue entry (see L{search_contents}), or None."""
+        where = " WHERE " + _SQL.content_by_id
+
+        def run(txn: Cursor) -> ContentInfo | None:
+            txn.execute(self._q(_SQL.contents_page.format(where=where)), (seen_since, content_id, 1, 0))
+            row = txn.fetchone()
+            return None if row is None else catalog.info_from_row(tuple(row))
 
         return self._interaction(run)
 
