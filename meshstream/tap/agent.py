@@ -38,6 +38,12 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["tracker", None, None, "Tracker base URL, e.g. http://127.0.0.1:7070."],
         ["tracker-key", None, None, "The tracker's Ed25519 public key (base64) or a file holding it."],
+        [
+            "tracker-ca",
+            None,
+            None,
+            "PEM file of the CAs to trust for an https:// tracker (default: the system's).",
+        ],
         ["data-dir", None, "meshstream-agent", "Directory for the cache, box key and node id."],
         [
             "stream",
@@ -69,6 +75,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["tracker"]:
             raise usage.UsageError("--tracker is required")
+        _check_tracker_ca(self["tracker"], self["tracker-ca"])
         if not self["listen"]:
             self["listen"] = ["tcp:7071"]
         if self["upload-rate"] is not None:
@@ -76,6 +83,15 @@ class Options(usage.Options):
         for name in ("max-peers", "max-uploads", "window"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+
+
+def _check_tracker_ca(tracker: str, ca_file: str | None) -> None:
+    from meshstream.tls import TLSConfigError, check_tracker_ca
+
+    try:
+        check_tracker_ca(tracker, ca_file)
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def config_from_options(options: Options) -> Any:
@@ -93,6 +109,7 @@ def config_from_options(options: Options) -> Any:
         max_peers=options["max-peers"],
         max_uploads=options["max-uploads"],
         tracker_key=options["tracker-key"],
+        tracker_ca=options["tracker-ca"],
         window=options["window"],
     )
 
