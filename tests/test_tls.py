@@ -35,7 +35,7 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 BLOCK, SUB = 64 * 1024, 16 * 1024
 
 
-def scratch(case: unittest.TestCase) -> str:
+def scratch(case: unittest.SynchronousTestCase) -> str:
     """A fresh directory, removed after the test."""
     path = os.path.abspath(case.mktemp())
     os.makedirs(path)
