@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="hash a file into a manifest and register it with a tracker")
     pub.add_argument("file")
     pub.add_argument("--tracker", help="tracker base URL; without it the manifest is written unsigned")
+    pub.add_argument("--tracker-ca", help="PEM file of the CAs to trust for an https:// tracker")
     pub.add_argument("--origin", action="append", default=[], help="HTTP URL of the whole file (repeatable)")
     pub.add_argument("-o", "--output", help="manifest path (default FILE.manifest.json)")
     pub.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE)
@@ -127,15 +128,23 @@ def publish(args: argparse.Namespace) -> int:
     if args.tracker:
         from twisted.internet import task
 
+        from meshstream.tls import TLSConfigError, check_tracker_ca, tracker_http
+
+        try:
+            check_tracker_ca(args.tracker, args.tracker_ca)
+        except TLSConfigError as e:
+            print(f"meshstream publish: {e}", file=sys.stderr)
+            return 2
+
         result: list[Manifest] = []
         errors: list[str] = []
 
         def register(reactor: Any) -> Any:
-            import treq
-
             from meshstream.tracker.client import TrackerClient
 
-            client = TrackerClient(treq, args.tracker, reactor, credentials=credentials)
+            client = TrackerClient(
+                tracker_http(reactor, ca_file=args.tracker_ca), args.tracker, reactor, credentials=credentials
+            )
             d = client.register_manifest(manifest)
             d.addCallbacks(result.append, lambda f: errors.append(f.getErrorMessage()))
             return d

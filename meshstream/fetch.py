@@ -107,6 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracker", help="tracker base URL: manifest by id, and more peers")
     p.add_argument("--tracker-key", help="the tracker's public key (base64) or a file holding it")
     add_login_arguments(p)
+    p.add_argument("--tracker-ca", help="PEM file of the CAs to trust for an https:// tracker")
     p.add_argument("-o", "--output", required=True, help="where to write the content")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="blocks in flight (1 = faithful mode)")
     p.add_argument("--pipeline", type=int, default=4, help="sub block requests outstanding per peer")
@@ -133,8 +134,11 @@ def run_fetch(args: argparse.Namespace) -> int:
     if args.window < 1 or args.pipeline < 1 or args.max_peers < 1:
         print("meshstream fetch: --window, --pipeline and --max-peers are at least 1", file=sys.stderr)
         return 2
+    from meshstream.tls import TLSConfigError, check_tracker_ca
+
     try:
         credentials = load_credentials(args.user, args.password_file)
+        check_tracker_ca(args.tracker, args.tracker_ca)
         sources = [parse_source(u) for u in args.source]
         key = None
         if args.tracker_key:
@@ -149,7 +153,7 @@ def run_fetch(args: argparse.Namespace) -> int:
                 manifest = Manifest.from_json(f.read())
             if key is not None:
                 manifest.verify(key)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TLSConfigError) as e:
         print(f"meshstream fetch: {e}", file=sys.stderr)
         return 2
 
@@ -178,7 +182,6 @@ async def _fetch(
     credentials: Credentials | None,
     outcome: list[int],
 ) -> None:
-    from treq.client import HTTPClient
     from twisted.internet import threads
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import clientFromString, connectProtocol
@@ -187,13 +190,15 @@ async def _fetch(
     from meshstream.agent.lookup import TicketedLookup
     from meshstream.agent.session import DownloadSession
     from meshstream.sources import fetch_range, make_agent
+    from meshstream.tls import tracker_http
     from meshstream.tracker.client import TrackerClient
     from meshstream.wire.protocol import PeerProtocol
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 32
     agent = make_agent(reactor, pool)
-    http = HTTPClient(agent)
+    tracker_pool = HTTPConnectionPool(reactor, persistent=True)
+    http = tracker_http(reactor, tracker_pool, args.tracker_ca)
     tracker = TrackerClient(http, args.tracker, reactor, credentials=credentials) if args.tracker else None
     node_id = "fetch-" + uuid.uuid4().hex[:8]
     sink: OutputFile | None = None
@@ -271,6 +276,7 @@ async def _fetch(
         outcome.append(_fail(reason))
     finally:
         await pool.closeCachedConnections()
+        await tracker_pool.closeCachedConnections()
 
 
 async def _const(value: Any) -> Any:

@@ -93,6 +93,7 @@ class AgentConfig:
     max_uploads: int = 32
     tracker_key: str | None = None
     credentials: Credentials | None = None
+    tracker_ca: str | None = None
     window: int = DEFAULT_WINDOW
     playback_deadline: float = PLAYBACK_DEADLINE
 
@@ -155,6 +156,7 @@ class AgentService(Service):
         self._last_sent_at = 0.0
         self._upload_bps = 0.0
         self._pool: Any = None
+        self._tracker_pool: Any = None
         self.http: Any = None
         self.usage = UsageMeter(self.clock)
         #: Not None while a usage report is out: who waits for it to end.
@@ -181,12 +183,14 @@ class AgentService(Service):
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.node_id = self.node_id or self._load_node_id()
         self.store = AgentStore(cfg.data_dir, load_or_create_key(os.path.join(cfg.data_dir, "box.key")))
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.client import HTTPConnectionPool
+
+        from meshstream.tls import tracker_http
 
         self._pool = HTTPConnectionPool(self.reactor, persistent=True)
         self._agent = make_agent(self.reactor, self._pool)
-        self.http = HTTPClient(Agent(self.reactor, pool=self._pool))
+        self._tracker_pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self.http = tracker_http(self.reactor, self._tracker_pool, cfg.tracker_ca)
         self.tracker = TrackerClient(
             self.http, cfg.tracker.rstrip("/"), self.clock, credentials=cfg.credentials
         )
@@ -293,9 +297,8 @@ class AgentService(Service):
         def close(_: object) -> Any:
             if self.store is not None:
                 self.store.close()
-            if self._pool is not None:
-                return self._pool.closeCachedConnections()
-            return None
+            pools = [p for p in (self._pool, self._tracker_pool) if p is not None]
+            return DeferredList([p.closeCachedConnections() for p in pools], consumeErrors=True)
 
         stopped.addCallback(close)
         return stopped

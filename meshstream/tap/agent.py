@@ -45,6 +45,12 @@ class Options(usage.Options):
             None,
             "File whose first line is the account's password (default: $MESHSTREAM_PASSWORD).",
         ],
+        [
+            "tracker-ca",
+            None,
+            None,
+            "PEM file of the CAs to trust for an https:// tracker (default: the system's).",
+        ],
         ["data-dir", None, "meshstream-agent", "Directory for the cache, box key and node id."],
         [
             "stream",
@@ -84,6 +90,7 @@ class Options(usage.Options):
             self["credentials"] = load_credentials(self["user"], self["password-file"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        _check_tracker_ca(self["tracker"], self["tracker-ca"])
         if not self["listen"]:
             self["listen"] = ["tcp:7071"]
         if self["upload-rate"] is not None:
@@ -91,6 +98,15 @@ class Options(usage.Options):
         for name in ("max-peers", "max-uploads", "window"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+
+
+def _check_tracker_ca(tracker: str, ca_file: str | None) -> None:
+    from meshstream.tls import TLSConfigError, check_tracker_ca
+
+    try:
+        check_tracker_ca(tracker, ca_file)
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def config_from_options(options: Options) -> Any:
@@ -109,6 +125,7 @@ def config_from_options(options: Options) -> Any:
         max_uploads=options["max-uploads"],
         tracker_key=options["tracker-key"],
         credentials=options["credentials"],
+        tracker_ca=options["tracker-ca"],
         window=options["window"],
     )
 

@@ -24,6 +24,8 @@ from urllib.parse import quote, urlencode
 
 from attrs import define, field, frozen
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -272,7 +274,7 @@ class TrackerClient:
             except (ManifestError, UnicodeEncodeError) as e:
                 raise TrackerError(f"tracker key is invalid: {e}") from None
 
-        return self._call("GET", "/api/v1/key").addCallback(parse)
+        return self._request("GET", "/api/v1/key", None, None, None).addCallback(parse)
 
     def register_manifest(self, manifest: Manifest) -> Deferred[Manifest]:
         """Register C{manifest}; fire with the tracker-signed manifest (the first one
@@ -560,7 +562,24 @@ class TrackerClient:
             return f
         if f.check(CancelledError):
             return f
-        return Failure(TrackerError(f"{method} {url} failed: {f.getErrorMessage()}"))
+        return Failure(TrackerError(f"{method} {url} failed: {describe_failure(f)}"))
+
+
+def describe_failure(f: Failure) -> str:
+    """
+    Why a request failed, in words: L{twisted.web.client} wraps the causes
+    (a refused connection, a TLS handshake that failed) in
+    C{ResponseNeverReceived} and the like, whose message is a list of
+    L{Failure} reprs; this shows the causes themselves.
+    """
+    reasons = getattr(f.value, "reasons", None)
+    if isinstance(reasons, list) and reasons and all(isinstance(r, Failure) for r in reasons):
+        return "; ".join(describe_failure(r) for r in reasons)
+    if f.check(SSL.Error):
+        return f"TLS handshake failed: {f.getErrorMessage()}"
+    if f.check(VerificationError):
+        return f"TLS certificate is not for this host: {f.getErrorMessage()}"
+    return f.getErrorMessage()
 
 
 def _encode(obj: object) -> bytes:
