@@ -271,27 +271,46 @@ class TrackerClient:
         address: str,
         contents: Iterable[str],
         state: Mapping[str, float],
+        kind: str | None = None,
     ) -> Deferred[dict[str, Any]]:
-        """Announce; fire with C{{"interval", "expires_in", "unknown"}}."""
-        body = {
+        """
+        Announce; fire with C{{"interval", "expires_in", "unknown"}}.
+
+        @param kind: C{"server"} to announce a content server (the account
+            needs the server role), C{"peer"} or None (the default) for a peer.
+        """
+        body: dict[str, Any] = {
             "node_id": node_id,
             "address": address,
             "contents": list(contents),
             "state": dict(state),
         }
+        if kind is not None:
+            body["kind"] = kind
         return self._call("POST", "/api/v1/announce", _encode(body)).addCallback(_object)
 
     def nodes(
         self, content_id: str, limit: int = 50, exclude: Iterable[str] = ()
     ) -> Deferred[list[NodeInfo]]:
         """The best nodes holding C{content_id}, best first."""
+        return self._holders(content_id, "nodes", limit, exclude)
+
+    def servers(
+        self, content_id: str, limit: int = 50, exclude: Iterable[str] = ()
+    ) -> Deferred[list[NodeInfo]]:
+        """The best content servers holding C{content_id}, best first."""
+        return self._holders(content_id, "servers", limit, exclude)
+
+    def _holders(
+        self, content_id: str, key: str, limit: int, exclude: Iterable[str]
+    ) -> Deferred[list[NodeInfo]]:
         query = urlencode([("limit", str(limit))] + [("exclude", e) for e in exclude])
-        path = f"/api/v1/contents/{quote(content_id, safe='')}/nodes?{query}"
+        path = f"/api/v1/contents/{quote(content_id, safe='')}/{key}?{query}"
 
         def parse(body: object) -> list[NodeInfo]:
-            entries = _object(body).get("nodes")
+            entries = _object(body).get(key)
             if not isinstance(entries, list):
-                raise TrackerError("tracker node list is malformed")
+                raise TrackerError(f"tracker {key} list is malformed")
             return [n for n in (_node(e) for e in entries) if n is not None]
 
         return self._call("GET", path, content_id=content_id).addCallback(parse)
