@@ -10,6 +10,7 @@ import hashlib
 import os
 import stat
 import struct
+import threading
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from meshstream.agent.session import BlackList, hint_rate
 from meshstream.agent.store import (
     AgentStore,
     CacheEntry,
+    IOCounter,
     Scrambler,
     SeedFile,
     StoreError,
@@ -414,3 +416,52 @@ class HintRateTests(SynchronousTestCase):
         ):
             with self.subTest(state=state):
                 self.assertIsNone(hint_rate(state))
+
+
+class IOCounterTests(_StoreBase):
+    """The store counts the bytes its content files read and write (the node's file I/O)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.data_dir = os.path.join(self.dir, "agent")
+        self.store = AgentStore(self.data_dir, KEY)
+        self.addCleanup(self.store.close)
+        self.cid = self.manifest.content_id
+
+    def test_seed_reads(self) -> None:
+        self.store.add_seed(SeedFile(self.path, self.manifest, self.leaves))
+        self.assertEqual(self.store.io.total, 0)
+        self.store.read(self.cid, 0, 1)
+        self.assertEqual(self.store.io.total, SUB)
+        self.store.seeds[self.cid].read_range(10, 100)
+        self.assertEqual(self.store.io.total, SUB + 100)
+
+    def test_cache_writes_and_reads(self) -> None:
+        e = self.store.entry(self.manifest)
+        self.write_block(e, 3)
+        written = self.g.block_length(3)
+        self.assertEqual(self.store.io.total, written)
+        self.store.read(self.cid, 3, 1)
+        self.assertEqual(self.store.io.total, written + self.g.sub_length(3, 1))
+
+    def test_loaded_cache_counts(self) -> None:
+        self.write_block(self.store.entry(self.manifest), 0)
+        reopened = AgentStore(self.data_dir, KEY)
+        self.addCleanup(reopened.close)
+        reopened.load_cache()
+        reopened.read(self.cid, 0, 2)
+        self.assertEqual(reopened.io.total, SUB)
+
+    def test_threads(self) -> None:
+        counter = IOCounter()
+
+        def add() -> None:
+            for _ in range(10_000):
+                counter.add(3)
+
+        workers = [threading.Thread(target=add) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        self.assertEqual(counter.total, 4 * 10_000 * 3)

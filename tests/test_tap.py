@@ -74,6 +74,17 @@ class AgentOptionsTests(unittest.SynchronousTestCase):
         self.assertIsNone(config.stream)
         self.assertEqual(config.window, 1)
 
+    def test_content_server_options(self) -> None:
+        config = agent_tap.config_from_options(self.parse("--tracker=http://t", "--user=cdn", "--server"))
+        self.assertEqual((config.server, config.use_servers), (True, "beside"))
+        for mode in ("beside", "instead", "off"):
+            options = self.parse("--tracker=http://t", "--user=a", f"--use-servers={mode}")
+            config = agent_tap.config_from_options(options)
+            self.assertEqual((config.server, config.use_servers), (False, mode))
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--tracker=http://t", "--user=a", "--use-servers=only")
+        self.assertIn("beside, instead, off", str(e.exception))
+
     def test_parse_rate(self) -> None:
         self.assertEqual(agent_tap.parse_rate("512K"), 512 * 1024)
         self.assertEqual(agent_tap.parse_rate("1.5MiB/s"), 1.5 * 1024 * 1024)

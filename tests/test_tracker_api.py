@@ -57,6 +57,7 @@ from meshstream.tracker.service import (
 from meshstream.tracker.store import SCHEMA_VERSION, StoreError, parse_db_url
 from tests._accounts import PASSWORD, make_user
 from tests._pg import SKIP_PG, pg_query, pg_schema_url
+from tests.test_tracker_ranking import NoSpread
 
 TABLES = {
     "manifests",
@@ -244,8 +245,9 @@ class _TrackerHTTPMixin:
             "fast": state(10_000, 1000, 9),  # 9000 free
             "busy": state(5000, 1000, 7),  # 4000 free, 7 connections
             "calm": state(5000, 1000, 2),  # 4000 free, 2 connections
-            "mute": {},  # unknown: last
+            "mute": {},  # unknown: neutral (the median free upload, 4000)
         }
+        self.service.api.rng = NoSpread()  # the weight order, without the random spread
         for node_id, st_ in announced.items():
             result = await self.client.announce(node_id, f"10.0.0.{len(node_id)}:7000", [cid, unknown], st_)
             self.assertEqual(
@@ -254,12 +256,13 @@ class _TrackerHTTPMixin:
             )
         await self.client.announce("elsewhere", "10.9.9.9:1", [other], state(10**9, 0, 0))
         nodes = await self.client.nodes(cid)
-        self.assertEqual([n.node_id for n in nodes], ["fast", "calm", "busy", "slow", "mute"])
+        self.assertEqual([n.node_id for n in nodes], ["fast", "mute", "calm", "busy", "slow"])
         self.assertEqual((nodes[0].host, nodes[0].port), ("10.0.0.4", 7000))
         self.assertEqual(nodes[0].state, announced["fast"])
         self.assertEqual(nodes[0].last_seen, START)
         limited = await self.client.nodes(cid, limit=2, exclude=["fast", "busy"])
-        self.assertEqual([n.node_id for n in limited], ["calm", "slow"])
+        # Without "fast" and "busy" the median free upload, mute's base, is 2050.
+        self.assertEqual([n.node_id for n in limited], ["calm", "mute"])
         # Raw shape.
         status, doc, _ = await self.request("GET", f"/api/v1/contents/{cid}/nodes?limit=1")
         self.assertEqual(status, 200)

@@ -14,7 +14,7 @@ connections that ask at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -49,12 +49,19 @@ class TicketedLookup:
         node_id: str,
         clock: IReactorTime,
         limit: int = 50,
+        find: Callable[[], Deferred[NodeList]] | None = None,
     ) -> None:
+        """
+        @param find: the lookup to run (by default the tracker's node list
+            for C{node_id}; the agent passes one that may also ask for
+            content servers, see L{meshstream.agent.holders}).
+        """
         self._tracker = tracker
         self.content_id = content_id
         self.node_id = node_id
         self._clock = clock
         self.limit = limit
+        self._find = find
         self._ticket: bytes | None = None
         self._got_at = 0.0
         self._expires = 0.0
@@ -62,9 +69,12 @@ class TicketedLookup:
 
     def find_nodes(self) -> Deferred[list[Any]]:
         """A lookup: fires with the nodes (this one left out), keeping the ticket."""
-        d = self._tracker.nodes_with_ticket(
-            self.content_id, self.node_id, limit=self.limit, exclude=[self.node_id]
-        )
+        if self._find is not None:
+            d = self._find()
+        else:
+            d = self._tracker.nodes_with_ticket(
+                self.content_id, self.node_id, limit=self.limit, exclude=[self.node_id]
+            )
         return d.addCallback(self._got)
 
     def _got(self, answer: NodeList) -> list[NodeInfo]:

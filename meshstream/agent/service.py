@@ -18,6 +18,18 @@ and after each announce the agent reports what grew since the last report
 C{from_servers: 0} for now: node lists do not yet say which nodes are content
 servers, so their bytes count as C{from_peers}.
 
+With C{server} set the agent announces itself as a content server (claims
+37, 38; its tracker account needs the server role).  C{use_servers} says how
+downloads use the tracker's content servers: see L{meshstream.agent.holders}.
+
+The node state in each announce (claims 36, 38): C{upload_bps},
+C{download_bps} and C{disk_io_bps} (bytes the store read and wrote) averaged
+since the previous announce; C{connections} (peers served now) and
+C{upload_slots} (C{max_uploads}); the box's C{cpu} (psutil's CPU use since
+the previous announce) and C{memory} (share in use); C{upload_capacity_bps}
+when an upload rate is set.  All of it is read from counters and
+C{/proc}-like sources without waiting.
+
 The reactor is a constructor argument (the tap passes the global one); every
 timer runs on it as an L{IReactorTime}.
 """
@@ -45,6 +57,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from meshstream import tickets
+from meshstream.agent.holders import BESIDE, holder_finder
 from meshstream.agent.lookup import TicketedLookup
 from meshstream.agent.session import PLAYBACK_DEADLINE, DownloadSession, NodeLike
 from meshstream.agent.store import (
@@ -55,7 +68,7 @@ from meshstream.agent.store import (
 )
 from meshstream.agent.stream import StreamResource
 from meshstream.agent.usage import Report, UsageMeter
-from meshstream.errors import QuotaExceeded, TrackerError, UnknownContent
+from meshstream.errors import MeshstreamError, QuotaExceeded, TrackerError, UnknownContent
 from meshstream.interfaces import IStreamProvider, IStreamSource
 from meshstream.manifest import (
     DEFAULT_BLOCK_SIZE,
@@ -96,6 +109,32 @@ class AgentConfig:
     tracker_ca: str | None = None
     window: int = DEFAULT_WINDOW
     playback_deadline: float = PLAYBACK_DEADLINE
+    #: Announce as a content server (the tracker account needs the server role).
+    server: bool = False
+    #: How downloads use content servers: "beside" peers, "instead" of them, or "off".
+    use_servers: str = BESIDE
+
+
+#: The tracker roles that may announce a content server.
+SERVER_ROLES = frozenset({"server", "admin"})
+
+
+class RateMeter:
+    """The rate of growth of a counter between two readings (bytes/s)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, float] | None = None
+        self.rate = 0.0
+
+    def update(self, total: int, now: float) -> float:
+        """Read the counter; return the rate since the previous reading (0 at the first)."""
+        if self._last is not None:
+            last_total, last_at = self._last
+            if now > last_at and total >= last_total:
+                self.rate = (total - last_total) / (now - last_at)
+        if self._last is None or now > self._last[1]:
+            self._last = (total, now)
+        return self.rate
 
 
 def manifest_path_for(path: str) -> str:
@@ -152,9 +191,9 @@ class AgentService(Service):
         self.announce_interval = DEFAULT_ANNOUNCE_INTERVAL
         self._announce_call: IDelayedCall | None = None
         self._opening: dict[str, list[Deferred[Any]]] = {}
-        self._last_sent = 0
-        self._last_sent_at = 0.0
-        self._upload_bps = 0.0
+        self._upload = RateMeter()
+        self._download = RateMeter()
+        self._disk_io = RateMeter()
         self._pool: Any = None
         self._tracker_pool: Any = None
         self.http: Any = None
@@ -195,6 +234,8 @@ class AgentService(Service):
             self.http, cfg.tracker.rstrip("/"), self.clock, credentials=cfg.credentials
         )
         self.tracker_key = yield self._trusted_key()
+        if cfg.server:
+            yield self._check_server_role()
         self.store.load_cache(self._check_signed)
         for path in cfg.seeds:
             yield self._import_seed(path)
@@ -241,6 +282,17 @@ class AgentService(Service):
         with open(path, "w") as f:
             f.write(nid + "\n")
         return nid
+
+    @inlineCallbacks
+    def _check_server_role(self) -> Any:
+        """A content server's account must have the server role: refuse to start otherwise."""
+        assert self.tracker is not None
+        me = yield self.tracker.whoami()
+        role = me.get("role")
+        if role not in SERVER_ROLES:
+            raise MeshstreamError(
+                f"--server needs a tracker account with the server role; {me.get('user')} has {role!r}"
+            )
 
     def _trusted_key(self) -> Deferred[Ed25519PublicKey]:
         given = self.config.tracker_key
@@ -306,16 +358,19 @@ class AgentService(Service):
     # -- tracker heartbeat -------------------------------------------------
 
     def node_state(self) -> dict[str, Any]:
+        """The state to announce (see the module docstring); rates since the last call."""
         now = self.clock.seconds()
         sent = self.peer_factory.bytes_sent if self.peer_factory else 0
-        if now > self._last_sent_at and sent >= self._last_sent:
-            self._upload_bps = (sent - self._last_sent) / (now - self._last_sent_at)
-        self._last_sent, self._last_sent_at = sent, now
+        received = sum(sum(s.bytes_by_source.values()) for s in self.sessions.values())
+        io = self.store.io.total if self.store else 0
         state: dict[str, Any] = {
-            "upload_bps": round(self._upload_bps, 1),
+            "upload_bps": round(self._upload.update(sent, now), 1),
+            "download_bps": round(self._download.update(received, now), 1),
+            "disk_io_bps": round(self._disk_io.update(io, now), 1),
             "connections": len(self.peer_factory.connections) if self.peer_factory else 0,
-            "cpu": psutil.cpu_percent(interval=None) / 100.0,
-            "memory": psutil.virtual_memory().percent / 100.0,
+            "upload_slots": self.config.max_uploads,
+            "cpu": min(1.0, psutil.cpu_percent(interval=None) / 100.0),
+            "memory": min(1.0, psutil.virtual_memory().percent / 100.0),
         }
         if self.config.upload_rate:
             state["upload_capacity_bps"] = float(self.config.upload_rate)
@@ -333,7 +388,11 @@ class AgentService(Service):
         self._announce_call = None
         assert self.tracker is not None and self.store is not None
         d: Deferred[Any] = self.tracker.announce(
-            self.node_id, self.advertised_address(), self.store.holdings(), self.node_state()
+            self.node_id,
+            self.advertised_address(),
+            self.store.holdings(),
+            self.node_state(),
+            kind="server" if self.config.server else None,
         )
 
         def ok(answer: dict[str, Any]) -> None:
@@ -473,7 +532,8 @@ class AgentService(Service):
     def _start_session(self, manifest: Manifest) -> DownloadSession:
         assert self.store is not None and self.tracker is not None
         cid = manifest.content_id
-        lookup = TicketedLookup(self.tracker, cid, self.node_id, self.clock)
+        find = holder_finder(self.tracker, cid, self.config.use_servers, self.node_id, exclude=[self.node_id])
+        lookup = TicketedLookup(self.tracker, cid, self.node_id, self.clock, find=find)
 
         def connect(node: NodeLike, listener: IPeerListener) -> Deferred[PeerProtocol]:
             return self._connect(node, listener, lookup)

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -43,6 +44,25 @@ log = Logger()
 
 class StoreError(Exception):
     """The store cannot do what was asked (disk full, bad file, ...)."""
+
+
+class IOCounter:
+    """
+    Bytes read from and written to content files: the file I/O a node
+    reports to the tracker.  Thread-safe: cache writes run in worker threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._total += n
+
+    @property
+    def total(self) -> int:
+        return self._total
 
 
 class Scrambler:
@@ -84,6 +104,9 @@ def load_or_create_key(path: str) -> bytes:
 class SeedFile:
     """A plain local file serving as the source of a content."""
 
+    #: Counts the bytes read (set by L{AgentStore.add_seed}).
+    io: IOCounter | None = None
+
     def __init__(self, path: str, manifest: Manifest, leaves: list[list[bytes]]) -> None:
         self.path = path
         self.manifest = manifest
@@ -94,12 +117,17 @@ class SeedFile:
         g = self.manifest.geometry
         n = g.sub_length(block, sub)
         data = os.pread(self._fd, n, g.sub_offset(block, sub))
+        if self.io is not None:
+            self.io.add(len(data))
         if len(data) != n:
             raise StoreError(f"{self.path} is shorter than its manifest says")
         return data
 
     def read_range(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
+        data = os.pread(self._fd, length, offset)
+        if self.io is not None:
+            self.io.add(len(data))
+        return data
 
     def close(self) -> None:
         os.close(self._fd)
@@ -187,8 +215,11 @@ class SubBlockFile:
 class CacheEntry(SubBlockFile):
     """One content in the scrambled cache, complete or not."""
 
-    def __init__(self, directory: str, manifest: Manifest, scrambler: Scrambler) -> None:
+    def __init__(
+        self, directory: str, manifest: Manifest, scrambler: Scrambler, io: IOCounter | None = None
+    ) -> None:
         super().__init__(manifest)
+        self.io = io
         self.cid = manifest.content_id
         self._scrambler = scrambler
         base = os.path.join(directory, self.cid)
@@ -235,6 +266,8 @@ class CacheEntry(SubBlockFile):
         """Scramble and write verified bytes; safe to call from a worker thread."""
         try:
             n = os.pwrite(self._fd, self._scrambler.apply(self.cid, offset, data), offset)
+            if self.io is not None:
+                self.io.add(n)
             if n != len(data):
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as e:
@@ -254,6 +287,8 @@ class CacheEntry(SubBlockFile):
 
     def read_range(self, offset: int, length: int) -> bytes:
         raw = os.pread(self._fd, length, offset)
+        if self.io is not None:
+            self.io.add(len(raw))
         if len(raw) != length:
             raise StoreError(f"{self.data_path} is short")
         return self._scrambler.apply(self.cid, offset, raw)
@@ -273,6 +308,8 @@ class AgentStore:
         self.scrambler = Scrambler(box_key)
         self.seeds: dict[str, SeedFile] = {}
         self.cache: dict[str, CacheEntry] = {}
+        #: Bytes read and written in content files (seeds and cache).
+        self.io = IOCounter()
 
     def load_cache(self, trusted: TrustCheck | None = None) -> list[str]:
         """Open every cached content found on disk; return their ids."""
@@ -288,17 +325,18 @@ class AgentStore:
             except (OSError, ManifestError) as e:
                 log.warn("Skipping cached {name}: {error}", name=name, error=str(e))
                 continue
-            self.cache[manifest.content_id] = CacheEntry(self.cache_dir, manifest, self.scrambler)
+            self.cache[manifest.content_id] = CacheEntry(self.cache_dir, manifest, self.scrambler, io=self.io)
             found.append(manifest.content_id)
         return found
 
     def add_seed(self, seed: SeedFile) -> None:
+        seed.io = self.io
         self.seeds[seed.manifest.content_id] = seed
 
     def entry(self, manifest: Manifest) -> CacheEntry:
         cid = manifest.content_id
         if cid not in self.cache:
-            self.cache[cid] = CacheEntry(self.cache_dir, manifest, self.scrambler)
+            self.cache[cid] = CacheEntry(self.cache_dir, manifest, self.scrambler, io=self.io)
         return self.cache[cid]
 
     def manifest(self, content_id: str) -> Manifest | None:

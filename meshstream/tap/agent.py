@@ -64,6 +64,16 @@ class Options(usage.Options):
         ["max-peers", None, 4, "Peers to download from at once.", int],
         ["max-uploads", None, 32, "Peers to serve at once.", int],
         ["window", None, DEFAULT_WINDOW, "Blocks in flight (1 = one block at a time).", int],
+        [
+            "use-servers",
+            None,
+            "beside",
+            "How downloads use the tracker's content servers: beside (with the peers), "
+            "instead (only servers, then the origin) or off (only peers).",
+        ],
+    ]
+    optFlags: list[list[str | None]] = [
+        ["server", None, "Announce this agent as a content server (the account needs the server role)."],
     ]
 
     def __init__(self) -> None:
@@ -98,6 +108,10 @@ class Options(usage.Options):
         for name in ("max-peers", "max-uploads", "window"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        from meshstream.agent.holders import USE_SERVERS
+
+        if self["use-servers"] not in USE_SERVERS:
+            raise usage.UsageError(f"--use-servers must be one of {', '.join(USE_SERVERS)}")
 
 
 def _check_tracker_ca(tracker: str, ca_file: str | None) -> None:
@@ -127,6 +141,8 @@ def config_from_options(options: Options) -> Any:
         credentials=options["credentials"],
         tracker_ca=options["tracker-ca"],
         window=options["window"],
+        server=bool(options["server"]),
+        use_servers=options["use-servers"],
     )
 
 

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 from ipaddress import ip_address
+from random import Random
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -54,9 +55,11 @@ from meshstream.tracker.metrics import (
     UNMATCHED,
     TrackerMetrics,
 )
-from meshstream.tracker.ranking import rank_nodes
+from meshstream.tracker.ranking import spread_nodes
 from meshstream.tracker.store import (
+    PEER,
     SCHEMA_VERSION,
+    SERVER,
     NodeOwned,
     NodeRecord,
     ReservationLimit,
@@ -94,8 +97,11 @@ STATE_FIELDS: Mapping[str, float] = {
     "memory": 1.0,
     "connections": math.inf,
     "disk_io_bps": math.inf,
+    "upload_slots": math.inf,
 }
-INTEGER_FIELDS = frozenset({"connections"})
+INTEGER_FIELDS = frozenset({"connections", "upload_slots"})
+#: The roles that may announce a node of kind C{server} (a content server).
+SERVER_ANNOUNCERS = frozenset({auth.SERVER, auth.ADMIN})
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
@@ -228,6 +234,8 @@ class Announce:
     port: int
     contents: tuple[str, ...]
     state: dict[str, int | float] = field(hash=False)
+    #: C{"peer"} (the default) or C{"server"}: a content server.
+    kind: str = PEER
 
 
 def parse_announce(obj: object) -> Announce:
@@ -248,7 +256,10 @@ def parse_announce(obj: object) -> Announce:
         if not isinstance(c, str) or not CONTENT_ID_RE.match(c):
             raise bad_request("contents must be a list of content ids")
     state = parse_state(obj.get("state"))
-    return Announce(node_id, host, port, tuple(dict.fromkeys(contents)), state)
+    kind = obj.get("kind", PEER)
+    if kind not in (PEER, SERVER):
+        raise bad_request(f"kind must be {PEER!r} or {SERVER!r}")
+    return Announce(node_id, host, port, tuple(dict.fromkeys(contents)), state, kind)
 
 
 def _is_utf8_text(text: str) -> bool:
@@ -467,6 +478,7 @@ class TrackerAPI:
         ticket_ttl: float = DEFAULT_TICKET_TTL,
         metrics: TrackerMetrics | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
+        rng: Random | None = None,
     ) -> None:
         """
         @param token_ttl: seconds a login token stays valid.
@@ -478,7 +490,10 @@ class TrackerAPI:
             by default a fresh L{TrackerMetrics} of this tracker's own.
         @param health_timeout: seconds (on C{clock}) the health check waits
             for the database.
+        @param rng: the randomness of the node lists' spread (see
+            L{meshstream.tracker.ranking}); seeded in tests.
         """
+        self.rng = rng if rng is not None else Random()
         self.store = store
         self.token_ttl = token_ttl
         self.ticket_ttl = ticket_ttl
@@ -724,6 +739,9 @@ class TrackerAPI:
 
     def announce(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         ann = parse_announce(parse_json(read_body(request, self.announce_limit)))
+        who = principal(request)
+        if ann.kind == SERVER and who.role not in SERVER_ANNOUNCERS:
+            raise ApiError(403, "forbidden", f"the {who.role} role may not announce a content server")
         host = ann.host
         if host in WILDCARD_HOSTS:
             host = client_host(request)
@@ -733,7 +751,8 @@ class TrackerAPI:
             ann.state,
             self.clock.seconds(),
             ann.contents,
-            owner=principal(request).name,
+            owner=who.name,
+            kind=ann.kind,
         )
 
         def done(unknown: list[str]) -> Deferred[Reply]:
@@ -749,28 +768,59 @@ class TrackerAPI:
         return d.addCallbacks(lambda _: Reply(200, {}), _node_owned)
 
     def nodes(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
-        content_id = parse_content_id(args[0])
+        return self._ranked_holders(request, args[0], PEER, "nodes")
+
+    def _ranked_holders(self, request: Request, cid: str, kind: str, key: str) -> Deferred[Reply]:
+        """The nodes of C{kind} holding content C{cid}, spread by their state."""
+        content_id = parse_content_id(cid)
         limit, exclude = parse_nodes_query(request.args or {})
         node = parse_ticket_node(request.args or {})
         who = principal(request)
         d = self.check_quota(who.name)
         return d.addCallback(
-            lambda _: Deferred.fromCoroutine(self._nodes(content_id, limit, exclude, node, who))
+            lambda _: Deferred.fromCoroutine(self._holders(content_id, kind, key, limit, exclude, node, who))
         )
 
-    async def _nodes(
-        self, content_id: str, limit: int, exclude: frozenset[str], node: str | None, who: Principal
+    async def _holders(
+        self,
+        content_id: str,
+        kind: str,
+        key: str,
+        limit: int,
+        exclude: frozenset[str],
+        node: str | None,
+        who: Principal,
     ) -> Reply:
-        records: list[NodeRecord] | None = await self.store.nodes_for(
-            content_id, self.clock.seconds() - self.ttl
-        )
+        now = self.clock.seconds()
+        records: list[NodeRecord] | None = await self.store.nodes_for(content_id, now - self.ttl, kind)
         if records is None:
             raise ApiError(404, "unknown_content", f"no content {content_id}")
-        chosen = rank_nodes(r for r in records if r.node_id not in exclude)[:limit]
-        body: dict[str, Any] = {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]}
+        candidates = [r for r in records if r.node_id not in exclude]
+        chosen = spread_nodes(candidates, self.rng, limit, now=now, horizon=self.ttl)
+        body: dict[str, Any] = {"content_id": content_id, key: [r.to_dict() for r in chosen]}
         if node is not None:
             body.update(await self._ticket(content_id, node, who))
         return Reply(200, body)
+
+    # -- content servers (claims 37, 38) -------------------------------------
+
+    def content_servers(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        """C{GET contents/<id>/servers}: the content servers holding a content."""
+        return self._ranked_holders(request, args[0], SERVER, "servers")
+
+    def all_servers(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+        """C{GET servers}: every live content server, with how many contents it holds."""
+        limit, exclude = parse_nodes_query(request.args or {})
+        now = self.clock.seconds()
+
+        def ranked(rows: list[tuple[NodeRecord, int]]) -> Reply:
+            held = {r.node_id: n for r, n in rows}
+            candidates = [r for r, _ in rows if r.node_id not in exclude]
+            chosen = spread_nodes(candidates, self.rng, limit, now=now, horizon=self.ttl)
+            servers = [{**r.to_dict(), "contents": held[r.node_id]} for r in chosen]
+            return Reply(200, {"servers": servers})
+
+        return self.store.servers(now - self.ttl).addCallback(ranked)
 
     # -- peer tickets ------------------------------------------------------
 
@@ -998,6 +1048,8 @@ _ROUTES: tuple[Route, ...] = (
     Route(b"DELETE", ("reservations", None), TrackerAPI.cancel_reservation, auth.ANYONE),
     Route(b"GET", ("contents",), TrackerAPI.contents, auth.ANYONE),
     Route(b"GET", ("contents", None), TrackerAPI.content, auth.ANYONE),
+    Route(b"GET", ("contents", None, "servers"), TrackerAPI.content_servers, auth.ANYONE),
+    Route(b"GET", ("servers",), TrackerAPI.all_servers, auth.ANYONE),
 )
 API_PREFIX = ("api", "v1")
 

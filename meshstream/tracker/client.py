@@ -296,25 +296,31 @@ class TrackerClient:
         address: str,
         contents: Iterable[str],
         state: Mapping[str, float],
+        kind: str | None = None,
     ) -> Deferred[dict[str, Any]]:
         """
         Announce; fire with C{{"interval", "expires_in", "unknown",
         "reservations"}} (the user's unfinished reservations, as
         L{reservations} gives them).
+
+        @param kind: C{"server"} to announce a content server (the account
+            needs the server role), C{"peer"} or None (the default) for a peer.
         """
-        body = {
+        body: dict[str, Any] = {
             "node_id": node_id,
             "address": address,
             "contents": list(contents),
             "state": dict(state),
         }
+        if kind is not None:
+            body["kind"] = kind
         return self._call("POST", "/api/v1/announce", _encode(body)).addCallback(_object)
 
     def nodes(
         self, content_id: str, limit: int = 50, exclude: Iterable[str] = ()
     ) -> Deferred[list[NodeInfo]]:
         """The best nodes holding C{content_id}, best first."""
-        d = self._nodes(content_id, None, limit, exclude)
+        d = self._holders(content_id, "nodes", None, limit, exclude)
         return d.addCallback(lambda found: found.nodes)
 
     def nodes_with_ticket(
@@ -326,21 +332,34 @@ class TrackerClient:
         with a 403 L{TrackerError} (code C{node_owned}) if C{node} is
         another user's.
         """
-        return self._nodes(content_id, node, limit, exclude)
+        return self._holders(content_id, "nodes", node, limit, exclude)
 
-    def _nodes(
-        self, content_id: str, node: str | None, limit: int, exclude: Iterable[str]
+    def servers(
+        self, content_id: str, limit: int = 50, exclude: Iterable[str] = ()
+    ) -> Deferred[list[NodeInfo]]:
+        """The best content servers holding C{content_id}, best first."""
+        d = self._holders(content_id, "servers", None, limit, exclude)
+        return d.addCallback(lambda found: found.nodes)
+
+    def servers_with_ticket(
+        self, content_id: str, node: str, limit: int = 50, exclude: Iterable[str] = ()
+    ) -> Deferred[NodeList]:
+        """The best content servers holding C{content_id}, and a peer ticket (see L{nodes_with_ticket})."""
+        return self._holders(content_id, "servers", node, limit, exclude)
+
+    def _holders(
+        self, content_id: str, key: str, node: str | None, limit: int, exclude: Iterable[str]
     ) -> Deferred[NodeList]:
         params = [("limit", str(limit))] + [("exclude", e) for e in exclude]
         if node is not None:
             params.append(("node", node))
-        path = f"/api/v1/contents/{quote(content_id, safe='')}/nodes?{urlencode(params)}"
+        path = f"/api/v1/contents/{quote(content_id, safe='')}/{key}?{urlencode(params)}"
 
         def parse(body: object) -> NodeList:
             doc = _object(body)
-            entries = doc.get("nodes")
+            entries = doc.get(key)
             if not isinstance(entries, list):
-                raise TrackerError("tracker node list is malformed")
+                raise TrackerError(f"tracker {key} list is malformed")
             nodes = [n for n in (_node(e) for e in entries) if n is not None]
             ticket, expires = doc.get("ticket"), doc.get("ticket_expires")
             if ticket is None:

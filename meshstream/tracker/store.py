@@ -26,12 +26,13 @@ L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 Write transactions touch C{nodes} before C{holdings}, so that concurrent
 announces, leaves and purges from several trackers lock rows in one order.
 
-Schema (version 4)::
+Schema (version 5)::
 
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
   nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL,
-        owner TEXT (the user whose box it is))
+        owner TEXT (the user whose box it is),
+        kind TEXT ('peer', or 'server' for a content server))
   holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id))
   users(name TEXT PK, password TEXT (scrypt hash), role TEXT,
         disabled INTEGER, quota_bytes BIGINT NULL, created REAL)
@@ -74,7 +75,12 @@ from meshstream.tracker import catalog
 from meshstream.tracker.billing import Reservation, ReservationRequest, Standing, UsageEntry, UsageRow
 from meshstream.tracker.catalog import ContentEntry, ContentInfo
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+
+#: Node kinds: an agent (peer) or a content server (claims 37, 38).
+PEER = "peer"
+SERVER = "server"
+NODE_KINDS = (PEER, SERVER)
 
 # Connections (and threads) per PostgreSQL pool; SQLite uses one.
 POSTGRES_POOL_SIZE = 4
@@ -255,6 +261,11 @@ class _SQL:
             " search TEXT NOT NULL)",
             "CREATE INDEX contents_created ON contents (created, content_id)",
         ),
+        # Content servers (claims 37, 38): nodes announced with kind 'server'.
+        5: (
+            "ALTER TABLE nodes ADD COLUMN kind TEXT NOT NULL DEFAULT 'peer'",
+            "CREATE INDEX nodes_kind_seen ON nodes (kind, last_seen)",
+        ),
     }
 
     insert_manifest = (
@@ -277,7 +288,7 @@ class _SQL:
     nodes_for_content = (
         "SELECT n.node_id, n.address, n.state, n.last_seen"
         " FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
-        " WHERE h.content_id = ? AND n.last_seen >= ?"
+        " WHERE h.content_id = ? AND n.last_seen >= ? AND n.kind = ?"
     )
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
     purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
@@ -364,6 +375,17 @@ class _SQL:
     content_matches = f"search LIKE ? ESCAPE '{catalog.LIKE_ESCAPE}'"
     content_mime_prefix = f"mime_type LIKE ? ESCAPE '{catalog.LIKE_ESCAPE}'"
     content_by_id = "content_id = ?"
+
+    # -- content servers
+    # (A separate statement rather than a column of upsert_node, so that an
+    # announce sets its kind whichever way upsert_node grows.)
+    set_node_kind = "UPDATE nodes SET kind = ? WHERE node_id = ?"
+    nodes_of_kind = (
+        "SELECT n.node_id, n.address, n.state, n.last_seen, COUNT(h.content_id)"
+        " FROM nodes n LEFT JOIN holdings h ON h.node_id = n.node_id"
+        " WHERE n.kind = ? AND n.last_seen >= ?"
+        " GROUP BY n.node_id, n.address, n.state, n.last_seen"
+    )
 
 
 @frozen
@@ -628,6 +650,7 @@ class TrackerStore:
         last_seen: float,
         contents: Iterable[str],
         owner: str | None = None,
+        kind: str = PEER,
     ) -> Deferred[list[str]]:
         """
         Replace a node's record and its holdings, atomically.
@@ -635,8 +658,11 @@ class TrackerStore:
         Contents the tracker has no manifest for are not stored; fire with
         their ids, in the order given.  A node id belongs to the first user
         (C{owner}) who announced it: another user's announce fails with
-        L{NodeOwned} and changes nothing.
+        L{NodeOwned} and changes nothing.  C{kind} (L{PEER} or L{SERVER})
+        replaces the node's kind too.
         """
+        if kind not in NODE_KINDS:
+            return fail(StoreError(f"unknown node kind {kind!r}"))
         wanted = list(dict.fromkeys(contents))
         state_text = json.dumps(state, sort_keys=True, allow_nan=False)
 
@@ -645,6 +671,7 @@ class TrackerStore:
             self._check_owner(txn, node_id, owner)
             known = self._known(txn, wanted)
             txn.execute(self._q(_SQL.upsert_node), (node_id, address, state_text, last_seen, owner))
+            txn.execute(self._q(_SQL.set_node_kind), (kind, node_id))
             txn.execute(self._q(_SQL.delete_holdings), (node_id,))
             txn.executemany(
                 self._q(_SQL.insert_holding),
@@ -679,17 +706,20 @@ class TrackerStore:
 
         return self._interaction(run)
 
-    def nodes_for(self, content_id: str, seen_since: float) -> Deferred[list[NodeRecord] | None]:
+    def nodes_for(
+        self, content_id: str, seen_since: float, kind: str = PEER
+    ) -> Deferred[list[NodeRecord] | None]:
         """
-        The nodes holding C{content_id} heard from at or after C{seen_since},
-        unordered; None if the content is unknown.
+        The nodes of C{kind} (peers, or content servers) holding
+        C{content_id} heard from at or after C{seen_since}, unordered; None
+        if the content is unknown.
         """
 
         def run(txn: Cursor) -> list[NodeRecord] | None:
             txn.execute(self._q(_SQL.has_manifest), (content_id,))
             if txn.fetchone() is None:
                 return None
-            txn.execute(self._q(_SQL.nodes_for_content), (content_id, seen_since))
+            txn.execute(self._q(_SQL.nodes_for_content), (content_id, seen_since, kind))
             return [
                 NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen))
                 for node_id, address, state, last_seen in txn.fetchall()
@@ -709,6 +739,21 @@ class TrackerStore:
                 marks = ", ".join("?" * len(chunk))
                 txn.execute(self._q(_SQL.purge_holdings.format(marks=marks)), tuple(chunk))
             return len(gone)
+
+        return self._interaction(run)
+
+    def servers(self, seen_since: float) -> Deferred[list[tuple[NodeRecord, int]]]:
+        """
+        Every content server heard from at or after C{seen_since}, unordered,
+        each with the number of contents it holds.
+        """
+
+        def run(txn: Cursor) -> list[tuple[NodeRecord, int]]:
+            txn.execute(self._q(_SQL.nodes_of_kind), (SERVER, seen_since))
+            return [
+                (NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen)), int(n))
+                for node_id, address, state, last_seen, n in txn.fetchall()
+            ]
 
         return self._interaction(run)
 
