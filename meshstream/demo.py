@@ -197,8 +197,7 @@ async def _demo(
         password = secrets.token_urlsafe(16)
         with open(os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as secret:
             secret.write(password.encode("ascii") + b"\n")
-        rates_given = [r.strip() for r in args.rates.split(",") if r.strip()]
-        box_names = [f"seed-{i}" for i in range(1, len(rates_given) + 1)] + ["viewer"]
+        box_names = [f"seed-{i}" for i in range(1, len(rates) + 1)] + ["viewer"]
         for account, role in [("publisher", "server"), *((n, "user") for n in box_names)]:
             await threads.deferToThread(_add_account, db, account, role, password_file)
 
