@@ -13,6 +13,10 @@ class DownloadFailed(MeshstreamError):
     """A content could not be completed from any source."""
 
 
+class SourceError(MeshstreamError):
+    """An HTTP source answered with something other than the bytes asked for."""
+
+
 class TrackerError(MeshstreamError):
     """The tracker answered with an error or could not be reached."""
 

@@ -174,6 +174,7 @@ class DownloadSession:
         origin_grace: float = ORIGIN_GRACE,
         offload: Offload | None = None,
         deadline: float = PLAYBACK_DEADLINE,
+        recycle: Callable[[Buffer], None] | None = None,
     ) -> None:
         self.entry = entry
         self.manifest = entry.manifest
@@ -190,6 +191,9 @@ class DownloadSession:
         self._on_block = on_block
         self.origin_grace = origin_grace
         self._offload = offload
+        #: Takes back an HTTP body buffer once a whole block from it is
+        #: written (or rejected), for the range fetcher to reuse.
+        self._recycle = recycle
         #: While a whole HTTP run is being handled, the requests it frees up
         #: are gathered here and sent as few, large Range requests.
         self._http_batch: dict[tuple[str, int], list[int]] | None = None
@@ -572,6 +576,12 @@ class DownloadSession:
         if leaves is None and len(run) == g.subs_in_block(block) and block not in self._parked:
             # A whole block with no hash list: check it against its root and
             # store it in one write, all in the worker; nothing to park.
+            # Meanwhile it counts as arrived (the scheduler holds it until
+            # confirmed or discarded), so the source's next request goes out
+            # now: hashing is off the network's critical path.
+            with self._batched_http():
+                for sub in run:
+                    self._run(self.scheduler.arrived(key, block, sub, g.sub_length(block, sub)))
             root = self.manifest.block_roots[block]
             whole: Deferred[list[bytes] | None] = offload(
                 _check_block_and_store, self.entry, block, data, root
@@ -589,15 +599,18 @@ class DownloadSession:
         self, leaves: list[bytes] | None, key: str, block: int, run: list[int], data: Buffer
     ) -> None:
         """Back on the reactor with a whole block: stored and its leaves, or None if it did not match."""
+        if self._recycle is not None:
+            # Written or rejected: nothing reads these bytes any more.
+            self._recycle(data)
         if self._stopped:
             return
         g = self.manifest.geometry
         with self._batched_http():
             if leaves is None:
-                self.rejected_bytes += len(data)
+                self.rejected_bytes += g.block_length(block)
                 self.log.warn("Block {block} from {source} does not match its root", block=block, source=key)
                 for sub in run:
-                    self._run(self.scheduler.failed(key, block, sub, strike=False))
+                    self._run(self.scheduler.discard(block, sub, strike=False))
                 self._run(self.scheduler.strike(key))
                 return
             self.leaves.setdefault(block, leaves)
@@ -610,7 +623,7 @@ class DownloadSession:
                         self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
                         return
                     self.bytes_by_source[key] = self.bytes_by_source.get(key, 0) + n
-                self._run(self.scheduler.received(key, block, sub, n))
+                self._run(self.scheduler.confirm(block, sub, n))
                 if self._stopped:
                     return
             if block in self._parked:

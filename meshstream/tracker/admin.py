@@ -30,7 +30,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from meshstream.tracker import auth
-from meshstream.tracker.client import read_password_file
 from meshstream.tracker.store import StoreError, TrackerStore, open_store
 
 DEFAULT_DB = "sqlite:meshstream-tracker.sqlite"
@@ -80,6 +79,10 @@ def _password(args: argparse.Namespace) -> tuple[str, bool]:
     if args.generate_password:
         return secrets.token_urlsafe(18), True
     if args.password_file:
+        # Here, not at the top: the tracker client pulls in twisted.web, and
+        # every meshstream command imports this module for its options.
+        from meshstream.tracker.client import read_password_file
+
         try:
             return read_password_file(args.password_file), False
         except ValueError as e:
