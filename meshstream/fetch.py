@@ -53,6 +53,10 @@ class OutputFile(SubBlockFile):
     def read_range(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
 
+    def fileno(self) -> int:
+        """The descriptor of C{OUT.part}, for helpers that write verified blocks to it."""
+        return self._fd
+
     def finish(self) -> None:
         """All verified: make the file whole (size, durability) and give it its name."""
         os.ftruncate(self._fd, self.manifest.size)
@@ -109,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", type=int, default=4, help="sub block requests outstanding per peer")
     p.add_argument("--max-peers", type=int, default=4, help="peers from the tracker to use at once")
     p.add_argument("--policy", choices=["adaptive", "static"], default="adaptive")
+    p.add_argument(
+        "--verify-processes",
+        type=int,
+        help="helper processes checking whole blocks from HTTP sources (default: one per CPU,"
+        " at most 4; 0: worker threads)",
+    )
     p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
     p.add_argument(
         "--origin-grace", type=float, default=1.0, help="seconds without any source before using the origin"
@@ -129,6 +139,9 @@ def run_fetch(args: argparse.Namespace) -> int:
         return 2
     if args.window < 1 or args.pipeline < 1 or args.max_peers < 1:
         print("meshstream fetch: --window, --pipeline and --max-peers are at least 1", file=sys.stderr)
+        return 2
+    if args.verify_processes is not None and args.verify_processes < 0:
+        print("meshstream fetch: --verify-processes is at least 0", file=sys.stderr)
         return 2
     try:
         credentials = None
@@ -188,10 +201,12 @@ async def _fetch(
     from meshstream.wire.protocol import PeerProtocol
     from meshstream.workers import WorkerPool
 
-    # Plain http:// mirrors and origins go through the lean range client;
-    # https:// ones and the tracker through twisted.web's Agent, made only
-    # when needed (importing it is a tenth of the start-up).
-    ranges = RangeClient(reactor)
+    # Plain http:// mirrors and origins go through the lean range client
+    # (made once the block size is known); https:// ones and the tracker
+    # through twisted.web's Agent, made only when needed (importing it is a
+    # tenth of the start-up).
+    ranges: RangeClient | None = None
+    verifier: Any = None
     web: dict[str, Any] = {}
     # Hashing and writing verified blocks: a thread per core (at least two,
     # so one can write while another hashes), at most four.
@@ -210,7 +225,7 @@ async def _fetch(
         return web["agent"]
 
     def fetch_range(url: str, first: int, last: int) -> Deferred[memoryview]:
-        if url.startswith("http://"):
+        if url.startswith("http://") and ranges is not None:
             return ranges.fetch(url, first, last)
         from meshstream.sources import fetch_range as agent_fetch_range
 
@@ -257,6 +272,16 @@ async def _fetch(
             return d
 
         sink = OutputFile(args.output, manifest)
+        if mirrors or manifest.origins:
+            verifier = _start_verifier(reactor, args, sink, manifest)
+        ranges = RangeClient(reactor, buffers=verifier.buffers if verifier is not None else None)
+        g = manifest.geometry
+
+        def check_block(block: int, data: Any, root: bytes) -> Any:
+            if verifier is None:
+                return None
+            return verifier.check(data, g.block_offset(block), g.sub_block_size, root)
+
         progress = Progress(args.progress, manifest.size, manifest.block_size)
         session = DownloadSession(
             sink,
@@ -273,6 +298,7 @@ async def _fetch(
             origin_grace=args.origin_grace,
             offload=workers.run,
             recycle=ranges.release,
+            check_block=check_block,
         )
         progress.by_source = session.bytes_by_source
         session.start()
@@ -292,9 +318,33 @@ async def _fetch(
         outcome.append(_fail(reason))
     finally:
         workers.stop()
-        ranges.close()
+        if ranges is not None:
+            ranges.close()
+        if verifier is not None:
+            await verifier.stop()
         if web:
             await web["pool"].closeCachedConnections()
+
+
+def _start_verifier(reactor: Any, args: argparse.Namespace, sink: OutputFile, manifest: Manifest) -> Any:
+    """
+    Helper processes that check and write whole blocks from HTTP sources
+    (L{meshstream.verifier}), or None where they cannot run or are not wanted.
+    """
+    from meshstream import verifier
+
+    processes = args.verify_processes
+    if processes is None:
+        processes = min(4, os.cpu_count() or 1)
+    # Room for every block of the window, and a few more in flight.
+    slots = min(args.window + 8, verifier.MAX_ARENA // manifest.block_size)
+    if processes < 1 or slots < 2 or not verifier.available():
+        return None
+    try:
+        return verifier.BlockVerifier(reactor, sink.fileno(), manifest.block_size, slots, processes)
+    except OSError as e:
+        print(f"meshstream fetch: checking blocks in threads ({e})", file=sys.stderr)
+        return None
 
 
 async def _const(value: Any) -> Any:

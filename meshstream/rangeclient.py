@@ -100,7 +100,7 @@ class BufferPool:
         self.keep = keep
         self._free: dict[int, list[bytearray]] = {}
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> bytearray | memoryview:
         """A buffer of exactly C{size} bytes (its contents are garbage)."""
         free = self._free.get(size)
         return free.pop() if free else bytearray(size)
@@ -140,6 +140,7 @@ class _Request:
 
     __slots__ = (
         "buf",
+        "buffers",
         "conn",
         "deferred",
         "done",
@@ -154,13 +155,15 @@ class _Request:
         "want",
     )
 
-    def __init__(self, target: _Target, first: int, last: int, buf: bytearray) -> None:
+    def __init__(self, target: _Target, first: int, last: int, buffers: BufferPool) -> None:
         self.target = target
         self.first = first
         self.last = last
         self.want = last - first + 1
-        self.buf = buf
-        self.view = memoryview(buf)
+        self.buffers = buffers
+        self.buf = buf = buffers.take(self.want)
+        # The very object handed over is the one given back (see ArenaBuffers).
+        self.view = buf if isinstance(buf, memoryview) else memoryview(buf)
         self.got = -1  # -1: no head yet; then body bytes received
         self.conn: _Connection | None = None
         self.retried = False
@@ -194,6 +197,8 @@ class _Request:
         self.done = True
         self._stop_timer()
         self.deferred.errback(Failure(exc))
+        # Nobody saw this buffer and its connection is gone: reuse it.
+        self.buffers.give(self.view)
 
 
 def check_head(head: bytes, url: str, first: int, last: int) -> tuple[bool, bool]:
@@ -330,7 +335,7 @@ class RangeClient:
                 return d
         if first < 0 or last < first:
             raise ValueError(f"bad range {first}-{last}")
-        req = _Request(target, first, last, self.buffers.take(last - first + 1))
+        req = _Request(target, first, last, self.buffers)
         req.timer = self.clock.callLater(self.timeout, self._timed_out, req)
         key = (target.host, target.port)
         host = self._hosts.get(key)

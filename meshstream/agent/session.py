@@ -91,6 +91,10 @@ Buffer = bytes | memoryview
 Offload = Callable[..., "Deferred[Any]"]
 #: fetch_range(url, first, last) -> Deferred of exactly last - first + 1 bytes.
 RangeFetcher = Callable[[str, int, int], "Deferred[memoryview]"]
+#: check_block(block, data, root) -> Deferred of the leaves of a whole block
+#: from an HTTP source once checked against its root and stored (of None if
+#: it does not match), or None to leave the job to the offloaded default.
+BlockChecker = Callable[[int, Buffer, bytes], "Deferred[list[bytes] | None] | None"]
 
 
 @define
@@ -175,6 +179,7 @@ class DownloadSession:
         offload: Offload | None = None,
         deadline: float = PLAYBACK_DEADLINE,
         recycle: Callable[[Buffer], None] | None = None,
+        check_block: BlockChecker | None = None,
     ) -> None:
         self.entry = entry
         self.manifest = entry.manifest
@@ -194,6 +199,7 @@ class DownloadSession:
         #: Takes back an HTTP body buffer once a whole block from it is
         #: written (or rejected), for the range fetcher to reuse.
         self._recycle = recycle
+        self._check_block = check_block
         #: While a whole HTTP run is being handled, the requests it frees up
         #: are gathered here and sent as few, large Range requests.
         self._http_batch: dict[tuple[str, int], list[int]] | None = None
@@ -583,9 +589,9 @@ class DownloadSession:
                 for sub in run:
                     self._run(self.scheduler.arrived(key, block, sub, g.sub_length(block, sub)))
             root = self.manifest.block_roots[block]
-            whole: Deferred[list[bytes] | None] = offload(
-                _check_block_and_store, self.entry, block, data, root
-            )
+            whole = self._check_block(block, data, root) if self._check_block is not None else None
+            if whole is None:
+                whole = offload(_check_block_and_store, self.entry, block, data, root)
             whole.addCallback(self._http_block_checked, key, block, run, data)
             whole.addErrback(self._store_failed)
             return
