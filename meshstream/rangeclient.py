@@ -39,9 +39,12 @@ Verifying the bytes against the manifest is the caller's job, as for peers.
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import re
 import socket
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -64,13 +67,25 @@ from meshstream.errors import SourceError
 
 HTTP_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
-#: Connections per (host, port), and requests outstanding on each.  A whole
-#: block is one request, so 6 connections cover the session's HTTP pipeline
-#: of 64 sub blocks (4 blocks of 16) with room to spare.  Pipelining (a
-#: depth over 1) is off by default: twisted.web's static.File (Twisted 26.10)
-#: stops answering after the first of several pipelined requests, and on
-#: loopback it bought nothing measurable over more connections (bench/RESULTS.md).
+#: Connections per (host, port): at most this many.  It starts with one,
+#: and opens another only while requests wait and answers keep finding the
+#: connection empty-handed: when a response head is read and less than
+#: L{AHEAD_BYTES} of its body (or the whole body) is already there, the
+#: server (or the path to it) is what we wait for, and another connection
+#: hides that wait.  When the body is always there before we look, we are
+#: what the bytes wait for, and one connection serves the blocks one after
+#: the other so that they complete in order: on loopback, six connections
+#: per mirror were 25 % slower than one (bench/RESULTS.md).  "The rule" is
+#: an EWMA (weight 0.2) over 0.5: about four late heads in a row.
 CONNECTIONS_PER_HOST = 6
+AHEAD_BYTES = 128 * 1024
+#: Answers on a new connection that do not count: TCP is still opening its
+#: window, so their bodies lag whatever the server's speed.
+WARM_UP = 2
+#: Requests outstanding per connection.  Pipelining (over 1) is off by
+#: default: twisted.web's static.File (Twisted 26.10) stops in the middle of
+#: the second of two pipelined answers when the first was a multiple of
+#: 64 KiB long, and more connections hide round trips as well.
 PIPELINE_DEPTH = 1
 #: Bytes read at once while a response head is awaited; what follows the
 #: head in them is copied into the body buffer.
@@ -279,6 +294,14 @@ def _open_socket(family: int, address: tuple[Any, ...]) -> socket.socket:
     return sock
 
 
+def _queued(sock: socket.socket) -> int:
+    """Bytes received on C{sock} and not read yet (0 where the system cannot tell)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
 #: open_socket(family, address) -> a non-blocking socket connecting there.
 SocketOpener = Callable[[int, tuple[Any, ...]], socket.socket]
 
@@ -290,6 +313,10 @@ class RangeClient:
     @param reactor: an L{IReactorFDSet} (and L{IReactorPluggableNameResolver}
         for host names that are not IP addresses).
     @param clock: times requests and connection attempts (default: C{reactor}).
+    @param connections: the most connections per (host, port).
+    @param start_connections: connections per (host, port) to begin with;
+        more are opened as round trips show (see L{CONNECTIONS_PER_HOST}).
+    @param depth: requests pipelined per connection.
     @param open_socket: makes the sockets (tests give one end of a socket pair).
     """
 
@@ -305,14 +332,16 @@ class RangeClient:
         depth: int = PIPELINE_DEPTH,
         buffers: BufferPool | None = None,
         open_socket: SocketOpener = _open_socket,
+        start_connections: int = 1,
     ) -> None:
-        if connections < 1 or depth < 1:
-            raise ValueError("connections and depth are at least 1")
+        if connections < 1 or depth < 1 or not 1 <= start_connections <= connections:
+            raise ValueError("connections and depth are at least 1, start_connections 1 to connections")
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.connections = connections
+        self.start_connections = start_connections
         self.depth = depth
         self.buffers = buffers if buffers is not None else BufferPool()
         self.open_socket = open_socket
@@ -380,6 +409,10 @@ class _Host:
         self.addresses: list[tuple[int, tuple[Any, ...]]] | None = None
         self._resolving = False
         self.closed = False
+        #: Connections allowed now, and how often (an EWMA of 0 or 1) an
+        #: answer's head came with little of its body behind it.
+        self.limit = client.start_connections
+        self.late = 0.0
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -408,7 +441,7 @@ class _Host:
                     and (best is None or len(c.queue) < len(best.queue))
                 ):
                     best = c
-            if (best is None or best.queue) and len(self.conns) < client.connections:
+            if (best is None or best.queue) and len(self.conns) < self.limit:
                 if self.addresses is None:
                     self._resolve()
                 else:
@@ -418,6 +451,16 @@ class _Host:
             req = self.pending.popleft()
             if not req.done:
                 best.send(req)
+
+    def head_read(self, late: bool) -> None:
+        """
+        A response head was read, C{late} if little of its body was there
+        yet: open another connection once that is the rule and requests wait.
+        """
+        self.late = 0.8 * self.late + (0.2 if late else 0.0)
+        if self.late > 0.5 and self.pending and self.limit < self.client.connections:
+            self.limit += 1
+            self.late = 0.0
 
     def _connect(self) -> _Connection | None:
         assert self.addresses is not None
@@ -503,6 +546,7 @@ class _Connection:
         self._body: _Request | None = None
         self.connected = False
         self.connect_failed = False
+        self.answers = 0
         #: False once no more requests may be sent (the server said close, or we are closing).
         self.usable = True
         self.closed = False
@@ -593,8 +637,10 @@ class _Connection:
                         self._lose(None)
                         return
                     req.got += n
-                    if n < room:
-                        return
+                    if req.got < req.want:
+                        if n < room:
+                            return  # drained: wait for more
+                        continue
                     self._body = None
                     self._answered(req)
                     continue
@@ -645,6 +691,9 @@ class _Connection:
                     continue
                 if not keep_alive:
                     self.usable = False
+                self.answers += 1
+                if self.answers > WARM_UP:
+                    self.host.head_read(len(pending) + _queued(self.sock) < min(req.want, AHEAD_BYTES))
                 req.got = 0
                 self._body = req
             n = min(len(pending), req.want - req.got)

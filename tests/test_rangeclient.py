@@ -10,6 +10,7 @@ last ones talk to a real twisted.web server on loopback.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from typing import Any
 
@@ -26,6 +27,7 @@ from meshstream.rangeclient import (
     CONNECTIONS_PER_HOST,
     HTTP_TIMEOUT,
     PIPELINE_DEPTH,
+    WARM_UP,
     BufferPool,
     RangeClient,
     check_head,
@@ -363,29 +365,53 @@ class RangeClientTests(unittest.SynchronousTestCase):
         self.assertEqual(len(p.servers), 1)
         self.assertEqual(len(p.connections()), 1)
 
-    def test_defaults(self) -> None:
-        """By default: no pipelining, up to CONNECTIONS_PER_HOST connections, then requests wait."""
+    def test_one_connection_then_more_when_answers_lag(self) -> None:
+        """
+        By default: no pipelining, one connection per host while bodies are
+        there as soon as their heads; another one once heads keep coming
+        without their bodies (after each connection's warm-up), up to
+        CONNECTIONS_PER_HOST.
+        """
         p = _Pair(self, depth=PIPELINE_DEPTH)
-        ds = [p.client.fetch(URL, i, i) for i in range(CONNECTIONS_PER_HOST + 1)]
+        ds = [p.client.fetch(URL, i * 10, i * 10 + 9) for i in range(60)]
+        self.assertEqual(len(p.servers), 1)
+
+        def serve_all(late: bool) -> int:
+            """Answer what every connection was asked, the body with its head or after it."""
+            p.connect()
+            asked = []
+            for server in range(len(p.servers)):
+                if select.select([p.servers[server]], [], [], 0)[0]:
+                    [request] = p.requests(server)
+                    first = int(request.rsplit(b"=", 1)[1].split(b"-")[0])
+                    asked.append((server, answer(first, first + 9)))
+            for server, data in asked:
+                p.reply(data[:-10] if late else data, server)
+            for server, data in asked:
+                if late:
+                    p.reply(data[-10:], server)
+            return len(asked)
+
+        # Bodies there with their heads: one connection, whatever came late
+        # during its warm-up.
+        for late in [True] * WARM_UP + [False] * 5:
+            self.assertEqual(serve_all(late), 1)
+        self.assertEqual(len(p.servers), 1)
+        # Heads without their bodies, again and again: a second connection.
+        for _ in range(4):
+            self.assertEqual(serve_all(True), 1)
+        self.assertEqual(len(p.servers), 2)
+        # And more while it lasts, never more than the most.
+        served = 5 + WARM_UP + 4
+        while served < len(ds):
+            served += serve_all(True)
         self.assertEqual(len(p.servers), CONNECTIONS_PER_HOST)
-        p.connect()
         self.assertEqual(
-            [len(p.requests(i)) for i in range(CONNECTIONS_PER_HOST)], [1] * CONNECTIONS_PER_HOST
-        )
-        p.reply(answer(1, 1), 1)
-        self.assertEqual(
-            [r.rsplit(b"=", 1)[1] for r in p.requests(1)], [b"%d-%d" % ((CONNECTIONS_PER_HOST,) * 2)]
-        )
-        for i in range(CONNECTIONS_PER_HOST):
-            if i != 1:
-                p.reply(answer(i, i), i)
-        p.reply(answer(CONNECTIONS_PER_HOST, CONNECTIONS_PER_HOST), 1)
-        self.assertEqual(
-            [bytes(self.successResultOf(d)) for d in ds], [DATA[i : i + 1] for i in range(len(ds))]
+            [bytes(self.successResultOf(d)) for d in ds], [DATA[i * 10 : i * 10 + 10] for i in range(60)]
         )
 
     def test_spread_over_connections(self) -> None:
-        p = _Pair(self, connections=2, depth=2)
+        p = _Pair(self, connections=2, start_connections=2, depth=2)
         ds = [p.client.fetch(URL, i, i) for i in range(5)]
         self.assertEqual(len(p.servers), 2)
         p.connect()
@@ -560,7 +586,7 @@ class RealServerTests(unittest.TestCase):
         return ensureDeferred(self._keep_alive())
 
     async def _keep_alive(self) -> None:
-        client = self.client(connections=2)
+        client = self.client(connections=2, start_connections=2)
         url = f"http://127.0.0.1:{self.port}/c.bin"
         bodies = await gatherResults([client.fetch(url, a, b) for a, b in self.ranges(100_000)])
         self.assertEqual(b"".join(bytes(b) for b in bodies), self.data)
