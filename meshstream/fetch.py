@@ -15,6 +15,7 @@ unverified byte.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -200,6 +201,11 @@ async def _fetch(
     from meshstream.rangeclient import RangeClient
     from meshstream.wire.protocol import PeerProtocol
     from meshstream.workers import WorkerPool
+
+    # Modules and classes live as long as the process: keep them out of
+    # every garbage collection from now on (a tenth of the reactor's time on
+    # a 1 GiB fetch went to collections walking them).
+    gc.freeze()
 
     # Plain http:// mirrors and origins go through the lean range client
     # (made once the block size is known); https:// ones and the tracker

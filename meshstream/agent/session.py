@@ -648,7 +648,10 @@ class DownloadSession:
         if self._stopped:
             return
         with self._batched_http():
-            self._http_results(results, key, block, data, stored)
+            parked = self._http_results(results, key, block, data, stored)
+        if not parked and self._recycle is not None:
+            # Every piece was written, dropped or rejected: no view of it is kept.
+            self._recycle(data)
 
     @contextmanager
     def _batched_http(self) -> Iterator[None]:
@@ -668,7 +671,9 @@ class DownloadSession:
 
     def _http_results(
         self, results: list[tuple[int, bytes, bool]], key: str, block: int, data: Buffer, stored: bool
-    ) -> None:
+    ) -> bool:
+        """Account for an HTTP run's sub blocks; True if some were parked (and so hold on to C{data})."""
+        parked = False
         g = self.manifest.geometry
         offset = 0
         for sub, leaf, ok in results:
@@ -693,8 +698,10 @@ class DownloadSession:
                     self._run(self.scheduler.failed(key, block, sub))
             else:
                 self._park(key, block, sub, piece, leaf)
+                parked = True
             if self._stopped:
-                return
+                return True
+        return parked
 
     def _store_failed(self, f: Failure) -> None:
         f.trap(StoreError)
