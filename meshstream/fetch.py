@@ -117,8 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify-processes",
         type=int,
-        help="helper processes checking whole blocks from HTTP sources (default: one per CPU,"
-        " at most 4; 0: worker threads)",
+        help="helper processes checking whole blocks from HTTP sources (default: one per CPU"
+        " but one, at least 1, at most 4; 0: worker threads)",
     )
     p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
     p.add_argument(
@@ -341,7 +341,9 @@ def _start_verifier(reactor: Any, args: argparse.Namespace, sink: OutputFile, ma
 
     processes = args.verify_processes
     if processes is None:
-        processes = min(4, os.cpu_count() or 1)
+        # The reactor keeps a core busy receiving: the others check.  On two
+        # cores one helper was faster than two (bench/RESULTS.md).
+        processes = min(4, max(1, (os.cpu_count() or 1) - 1))
     # Room for every block of the window, and a few more in flight.
     slots = min(args.window + 8, verifier.MAX_ARENA // manifest.block_size)
     if processes < 1 or slots < 2 or not verifier.available():

@@ -30,6 +30,7 @@ from meshstream.rangeclient import (
     WARM_UP,
     BufferPool,
     RangeClient,
+    _Target,
     check_head,
 )
 
@@ -78,6 +79,20 @@ class BufferPoolTests(unittest.SynchronousTestCase):
         pool.give(b"0123")
         pool.give(memoryview(b"0123"))
         self.assertIsInstance(pool.take(4), bytearray)
+
+
+class TargetTests(unittest.SynchronousTestCase):
+    def test_request_head(self) -> None:
+        t = _Target("http://user:pw@[::1]:8080/a/b.bin?x=1")
+        self.assertEqual((t.host, t.port), ("::1", 8080))
+        self.assertEqual(
+            t.request_head, b"GET /a/b.bin?x=1 HTTP/1.1\r\nHost: [::1]:8080\r\nAccept-Encoding: identity\r\n"
+        )
+        t = _Target("http://example.com")
+        self.assertEqual((t.host, t.port), ("example.com", 80))
+        self.assertTrue(t.request_head.startswith(b"GET / HTTP/1.1\r\nHost: example.com\r\n"))
+        for bad in ("https://example.com/x", "http:///x", "ftp://h/x"):
+            self.assertRaises(ValueError, _Target, bad)
 
 
 class CheckHeadTests(unittest.SynchronousTestCase):
