@@ -17,6 +17,10 @@ class SourceError(MeshstreamError):
     """An HTTP source answered with something other than the bytes asked for."""
 
 
+class CheckDeclined(MeshstreamError):
+    """A helper could not check a block after all (it is gone): check it some other way."""
+
+
 class TrackerError(MeshstreamError):
     """The tracker answered with an error or could not be reached."""
 

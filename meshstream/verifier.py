@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from meshstream import verifyworker as W
 from meshstream.agent.store import StoreError
+from meshstream.errors import CheckDeclined
 from meshstream.rangeclient import BufferPool
 
 #: The most memory the arena may take (its pages are only used once written).
@@ -129,7 +130,7 @@ class BlockVerifier:
                     worker,
                     executable,
                     args,
-                    env={},
+                    env=dict(os.environ),
                     childFDs={0: "w", 1: "r", 2: 2, W.ARENA_FD: fd, W.OUTPUT_FD: output_fd},
                 )
                 self._workers.append(worker)
@@ -142,8 +143,10 @@ class BlockVerifier:
         """
         Check C{data} (a buffer from L{buffers}) against C{root}, then write
         it at C{offset}: a Deferred of its leaves, or of None if it does not
-        match.  None (no Deferred) when C{data} is not in the arena or no
-        helper is left: the caller does the job itself.
+        match; it fails with L{StoreError} if the write failed.  None (no
+        Deferred) when C{data} is not in the arena or no helper is left, and
+        a failure with L{CheckDeclined} if its helper died before answering:
+        either way the caller does the job itself.
         """
         slot = self.buffers.slot(data)
         live = [w for w in self._workers if w.alive]
@@ -201,6 +204,12 @@ class _Worker(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.alive = False
         waiting, self.waiting = self.waiting, deque()
+        if waiting:
+            BlockVerifier.log.warn(
+                "A verifier process ended with {n} blocks to check: {why}",
+                n=len(waiting),
+                why=reason.getErrorMessage(),
+            )
         for d in waiting:
-            d.errback(Failure(StoreError(f"a verifier process ended: {reason.getErrorMessage()}")))
+            d.errback(Failure(CheckDeclined(f"a verifier process ended: {reason.getErrorMessage()}")))
         self.ended.callback(None)

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshstream.agent.session import DownloadSession
+from meshstream.errors import CheckDeclined
 from meshstream.fetch import OutputFile
 from meshstream.manifest import build_manifest
 
@@ -105,6 +106,16 @@ class WholeBlockTests(SynchronousTestCase):
         # To be asked again (once the source's pipeline has room).
         queue = session.scheduler.sources[URL].queue
         self.assertEqual([sid for sid in queue if sid[0] == 0], [(0, s) for s in range(16)])
+
+    def test_declined_check_done_by_the_default(self) -> None:
+        """A hook that gives up (its helper died) leaves the block to the offloaded default."""
+        session = self.session()
+        body = self.answer(0)
+        self.checks[0][3].errback(CheckDeclined("gone"))
+        self.assertEqual(self.delivered, [0])
+        self.assertEqual(self.recycled, [body])
+        self.assertEqual(session.bytes_by_source, {URL: BLOCK})
+        self.assertEqual(os.pread(self.sink.fileno(), BLOCK, 0), self.data[:BLOCK])
 
     def test_default_check_in_the_offload(self) -> None:
         """Without the hook (or when it declines), the block is checked and stored by the offloaded default."""

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from meshstream import verifier as V
 from meshstream import verifyworker as W
 from meshstream.agent.store import StoreError
+from meshstream.errors import CheckDeclined
 
 reactor: Any = _reactor
 SLOT, SUB = 64 * 1024, 16 * 1024
@@ -185,7 +186,7 @@ class BlockVerifierTests(unittest.TestCase):
         d = verifier.check(buf, 0, SUB, b"\0" * 32)
         assert d is not None and worker.transport is not None
         worker.transport.signalProcess("KILL")
-        with self.assertRaises(StoreError) as cm:
+        with self.assertRaises(CheckDeclined) as cm:
             await d
         self.assertIn("verifier process ended", str(cm.exception))
         await worker.ended

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshstream.agent.store import StoreError, check_sub
-from meshstream.errors import DownloadFailed
+from meshstream.errors import CheckDeclined, DownloadFailed
 from meshstream.interfaces import IStreamSource
 from meshstream.manifest import Manifest, leaf_hash, root_hash
 from meshstream.scheduler import core as sched
@@ -93,7 +93,8 @@ Offload = Callable[..., "Deferred[Any]"]
 RangeFetcher = Callable[[str, int, int], "Deferred[memoryview]"]
 #: check_block(block, data, root) -> Deferred of the leaves of a whole block
 #: from an HTTP source once checked against its root and stored (of None if
-#: it does not match), or None to leave the job to the offloaded default.
+#: it does not match), or None to leave the job to the offloaded default
+#: (as does a Deferred that fails with CheckDeclined).
 BlockChecker = Callable[[int, Buffer, bytes], "Deferred[list[bytes] | None] | None"]
 
 
@@ -592,6 +593,13 @@ class DownloadSession:
             whole = self._check_block(block, data, root) if self._check_block is not None else None
             if whole is None:
                 whole = offload(_check_block_and_store, self.entry, block, data, root)
+            else:
+
+                def declined(f: Failure) -> Deferred[list[bytes] | None]:
+                    f.trap(CheckDeclined)
+                    return offload(_check_block_and_store, self.entry, block, data, root)
+
+                whole.addErrback(declined)
             whole.addCallback(self._http_block_checked, key, block, run, data)
             whole.addErrback(self._store_failed)
             return
