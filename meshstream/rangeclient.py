@@ -7,9 +7,10 @@ thread (bench/RESULTS.md).  Through L{twisted.web.client.Agent} a 1 MiB body
 costs a C{bytes} object per read, a copy into the body buffer, a trip
 through the line parser per read, and a handful of Deferreds per request.
 This client does one thing: it sends C{GET} with a C{Range} header on
-keep-alive connections, several requests pipelined on each, and reads each
-body with C{recv_into} straight into a reusable buffer of exactly the size
-asked (L{BufferPool}).  Only the response head goes through an intermediate
+keep-alive connections (one per host unless answers lag, see
+L{CONNECTIONS_PER_HOST}; requests may be pipelined) and reads each body
+with C{recv_into} straight into a reusable buffer of exactly the size asked
+(L{BufferPool}).  Only the response head goes through an intermediate
 buffer.
 
 Every connection is a non-blocking socket registered with the reactor as
@@ -75,8 +76,9 @@ CONNECT_TIMEOUT = 10.0
 #: hides that wait.  When the body is always there before we look, we are
 #: what the bytes wait for, and one connection serves the blocks one after
 #: the other so that they complete in order: on loopback, six connections
-#: per mirror were 25 % slower than one (bench/RESULTS.md).  "The rule" is
-#: an EWMA (weight 0.2) over 0.5: about four late heads in a row.
+#: per mirror took 1.46 s at best and 2.08 s in the median where one took
+#: 1.34 s and 1.60 s (bench/RESULTS.md).  "The rule" is an EWMA (weight 0.2)
+#: over 0.5: about four late heads in a row.
 CONNECTIONS_PER_HOST = 6
 AHEAD_BYTES = 128 * 1024
 #: Answers on a new connection that do not count: TCP is still opening its
@@ -133,7 +135,7 @@ class BufferPool:
 class _Target:
     """A parsed C{http://} URL: where to connect and what to send."""
 
-    __slots__ = ("host", "path", "port", "request_head", "url")
+    __slots__ = ("host", "port", "request_head", "url")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -308,7 +310,7 @@ SocketOpener = Callable[[int, tuple[Any, ...]], socket.socket]
 
 class RangeClient:
     """
-    Range requests to C{http://} URLs on keep-alive, pipelined connections.
+    Range requests to C{http://} URLs on keep-alive connections.
 
     @param reactor: an L{IReactorFDSet} (and L{IReactorPluggableNameResolver}
         for host names that are not IP addresses).
@@ -529,7 +531,7 @@ class _Host:
 
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Connection:
-    """One keep-alive connection carrying pipelined Range requests, answered in order."""
+    """One keep-alive connection carrying Range requests (pipelined if C{depth} allows), answered in order."""
 
     def __init__(self, host: _Host, sock: socket.socket) -> None:
         self.host = host
@@ -723,6 +725,7 @@ class _Connection:
 
     def abort(self, req: _Request | None, exc: Exception | None) -> None:
         """Fail C{req} (when given) and close; the other requests are retried elsewhere."""
+        self.usable = False  # what the failure's callbacks ask goes elsewhere
         if req is not None and exc is not None:
             req.fail(exc)
         self._lose(exc)
