@@ -13,6 +13,14 @@ class DownloadFailed(MeshstreamError):
     """A content could not be completed from any source."""
 
 
+class SourceError(MeshstreamError):
+    """An HTTP source answered with something other than the bytes asked for."""
+
+
+class CheckDeclined(MeshstreamError):
+    """A helper could not check a block after all (it is gone): check it some other way."""
+
+
 class TrackerError(MeshstreamError):
     """The tracker answered with an error or could not be reached."""
 

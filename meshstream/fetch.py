@@ -20,20 +20,24 @@ with peers that do not check tickets (the benchmarks' sources).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
 from meshstream.agent.store import StoreError, SubBlockFile
+from meshstream.errors import MeshstreamError
 from meshstream.manifest import Manifest, ManifestError, load_public_key
 from meshstream.scheduler.core import DEFAULT_WINDOW
-from meshstream.tracker.client import Credentials, load_credentials
+
+if TYPE_CHECKING:
+    from meshstream.tracker.client import Credentials
 
 
 class OutputFile(SubBlockFile):
@@ -55,6 +59,10 @@ class OutputFile(SubBlockFile):
 
     def read_range(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
+
+    def fileno(self) -> int:
+        """The descriptor of C{OUT.part}, for helpers that write verified blocks to it."""
+        return self._fd
 
     def finish(self) -> None:
         """All verified: make the file whole (size, durability) and give it its name."""
@@ -113,6 +121,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", type=int, default=4, help="sub block requests outstanding per peer")
     p.add_argument("--max-peers", type=int, default=4, help="peers from the tracker to use at once")
     p.add_argument("--policy", choices=["adaptive", "static"], default="adaptive")
+    p.add_argument(
+        "--verify-processes",
+        type=int,
+        help="helper processes checking whole blocks from HTTP sources (default: one per CPU"
+        " but one, at least 1, at most 4; 0: worker threads)",
+    )
     p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
     p.add_argument(
         "--origin-grace", type=float, default=1.0, help="seconds without any source before using the origin"
@@ -134,11 +148,21 @@ def run_fetch(args: argparse.Namespace) -> int:
     if args.window < 1 or args.pipeline < 1 or args.max_peers < 1:
         print("meshstream fetch: --window, --pipeline and --max-peers are at least 1", file=sys.stderr)
         return 2
-    from meshstream.tls import TLSConfigError, check_tracker_ca
-
+    if args.verify_processes is not None and args.verify_processes < 0:
+        print("meshstream fetch: --verify-processes is at least 0", file=sys.stderr)
+        return 2
     try:
-        credentials = load_credentials(args.user, args.password_file)
-        check_tracker_ca(args.tracker, args.tracker_ca)
+        credentials = None
+        if args.user or args.password_file:
+            # The tracker client (and twisted.web) only when logging in: a
+            # fetch from mirrors starts without them.
+            from meshstream.tracker.client import load_credentials
+
+            credentials = load_credentials(args.user, args.password_file)
+        if args.tracker_ca is not None:
+            from meshstream.tls import check_tracker_ca
+
+            check_tracker_ca(args.tracker, args.tracker_ca)
         sources = [parse_source(u) for u in args.source]
         key = None
         if args.tracker_key:
@@ -153,7 +177,7 @@ def run_fetch(args: argparse.Namespace) -> int:
                 manifest = Manifest.from_json(f.read())
             if key is not None:
                 manifest.verify(key)
-    except (ValueError, OSError, TLSConfigError) as e:
+    except (ValueError, OSError, MeshstreamError) as e:
         print(f"meshstream fetch: {e}", file=sys.stderr)
         return 2
 
@@ -182,24 +206,60 @@ async def _fetch(
     credentials: Credentials | None,
     outcome: list[int],
 ) -> None:
-    from twisted.internet import threads
     from twisted.internet.defer import Deferred
-    from twisted.internet.endpoints import clientFromString, connectProtocol
-    from twisted.web.client import HTTPConnectionPool
 
-    from meshstream.agent.lookup import TicketedLookup
     from meshstream.agent.session import DownloadSession
-    from meshstream.sources import fetch_range, make_agent
-    from meshstream.tls import tracker_http
-    from meshstream.tracker.client import TrackerClient
+    from meshstream.rangeclient import RangeClient
     from meshstream.wire.protocol import PeerProtocol
+    from meshstream.workers import WorkerPool
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 32
-    agent = make_agent(reactor, pool)
-    tracker_pool = HTTPConnectionPool(reactor, persistent=True)
-    http = tracker_http(reactor, tracker_pool, args.tracker_ca)
-    tracker = TrackerClient(http, args.tracker, reactor, credentials=credentials) if args.tracker else None
+    # Modules and classes live as long as the process: keep them out of
+    # every garbage collection from now on (collections walking them took
+    # 5-10 % of the reactor thread's time on a 1 GiB fetch).
+    gc.freeze()
+
+    # Plain http:// mirrors and origins go through the lean range client
+    # (made once the block size is known); https:// ones and the tracker
+    # through twisted.web's Agent, made only when needed (importing it is a
+    # tenth of the start-up).
+    ranges: RangeClient | None = None
+    verifier: Any = None
+    web: dict[str, Any] = {}
+    # Hashing and writing verified blocks: a thread per core (at least two,
+    # so one can write while another hashes), at most four.
+    workers = WorkerPool(reactor, size=min(4, max(2, os.cpu_count() or 2)))
+
+    def agent() -> Any:
+        if not web:
+            from twisted.web.client import HTTPConnectionPool
+
+            from meshstream.sources import make_agent
+
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 32
+            web["pool"] = pool
+            web["agent"] = make_agent(reactor, pool)
+        return web["agent"]
+
+    def fetch_range(url: str, first: int, last: int) -> Deferred[memoryview]:
+        if url.startswith("http://") and ranges is not None:
+            return ranges.fetch(url, first, last)
+        from meshstream.sources import fetch_range as agent_fetch_range
+
+        return agent_fetch_range(agent(), url, first, last, reactor)
+
+    tracker = None
+    tracker_pool: Any = None
+    if args.tracker:
+        from twisted.web.client import HTTPConnectionPool
+
+        from meshstream.tls import tracker_http
+        from meshstream.tracker.client import TrackerClient
+
+        # A pool of its own: see L{tracker_http}.
+        tracker_pool = HTTPConnectionPool(reactor, persistent=True)
+        http = tracker_http(reactor, tracker_pool, args.tracker_ca)
+        tracker = TrackerClient(http, args.tracker, reactor, credentials=credentials)
     node_id = "fetch-" + uuid.uuid4().hex[:8]
     sink: OutputFile | None = None
     try:
@@ -216,7 +276,11 @@ async def _fetch(
         mirrors = [s for s in sources if isinstance(s, str)]
         cid = manifest.content_id
 
-        lookup = TicketedLookup(tracker, cid, node_id, reactor) if tracker is not None else None
+        lookup = None
+        if tracker is not None:
+            from meshstream.agent.lookup import TicketedLookup
+
+            lookup = TicketedLookup(tracker, cid, node_id, reactor)
 
         def find_nodes() -> Deferred[list[Any]]:
             if lookup is None:
@@ -229,6 +293,8 @@ async def _fetch(
             # With a tracker every peer (listed or given) gets its ticket;
             # without one, peers that check tickets refuse us.
             host = node.host.replace(":", r"\:")
+            from twisted.internet.endpoints import clientFromString, connectProtocol
+
             endpoint = clientFromString(reactor, f"tcp:host={host}:port={node.port}:timeout=5")
 
             def dial(ticket: bytes) -> Deferred[PeerProtocol]:
@@ -242,13 +308,23 @@ async def _fetch(
             return lookup.ticket().addCallback(dial)
 
         sink = OutputFile(args.output, manifest)
+        if mirrors or manifest.origins:
+            verifier = _start_verifier(reactor, args, sink, manifest)
+        ranges = RangeClient(reactor, buffers=verifier.buffers if verifier is not None else None)
+        g = manifest.geometry
+
+        def check_block(block: int, data: Any, root: bytes) -> Any:
+            if verifier is None:
+                return None
+            return verifier.check(data, g.block_offset(block), g.sub_block_size, root)
+
         progress = Progress(args.progress, manifest.size, manifest.block_size)
         session = DownloadSession(
             sink,
             reactor,
             find_nodes,
             connect,
-            fetch_range=lambda url, a, b: fetch_range(agent, url, a, b, reactor),
+            fetch_range=fetch_range,
             max_peers=max(args.max_peers, len(peers)),
             pipeline=args.pipeline,
             window=args.window,
@@ -256,7 +332,9 @@ async def _fetch(
             policy=args.policy,
             on_block=progress.block,
             origin_grace=args.origin_grace,
-            offload=lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a),
+            offload=workers.run,
+            recycle=ranges.release,
+            check_block=check_block,
         )
         progress.by_source = session.bytes_by_source
         session.start()
@@ -275,8 +353,38 @@ async def _fetch(
             print(json.dumps({"done": True, "ok": False, "error": reason}), flush=True)
         outcome.append(_fail(reason))
     finally:
-        await pool.closeCachedConnections()
-        await tracker_pool.closeCachedConnections()
+        workers.stop()
+        if ranges is not None:
+            ranges.close()
+        if verifier is not None:
+            await verifier.stop()
+        if web:
+            await web["pool"].closeCachedConnections()
+        if tracker_pool is not None:
+            await tracker_pool.closeCachedConnections()
+
+
+def _start_verifier(reactor: Any, args: argparse.Namespace, sink: OutputFile, manifest: Manifest) -> Any:
+    """
+    Helper processes that check and write whole blocks from HTTP sources
+    (L{meshstream.verifier}), or None where they cannot run or are not wanted.
+    """
+    from meshstream import verifier
+
+    processes = args.verify_processes
+    if processes is None:
+        # The reactor keeps a core busy receiving: the others check.  On two
+        # cores one helper was faster than two (bench/RESULTS.md).
+        processes = min(4, max(1, (os.cpu_count() or 1) - 1))
+    # Room for every block of the window, and a few more in flight.
+    slots = min(args.window + 8, verifier.MAX_ARENA // manifest.block_size)
+    if processes < 1 or slots < 2 or not verifier.available():
+        return None
+    try:
+        return verifier.BlockVerifier(reactor, sink.fileno(), manifest.block_size, slots, processes)
+    except OSError as e:
+        print(f"meshstream fetch: checking blocks in threads ({e})", file=sys.stderr)
+        return None
 
 
 async def _const(value: Any) -> Any:

@@ -31,14 +31,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from meshstream.errors import MeshstreamError
+from meshstream.errors import SourceError
+
+__all__ = ["HTTP_TIMEOUT", "SourceError", "fetch_range", "make_agent"]
 
 HTTP_TIMEOUT = 30.0
 _CONTENT_RANGE = re.compile(rb"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-class SourceError(MeshstreamError):
-    """An HTTP source answered with something other than the bytes asked for."""
 
 
 class _Body(Protocol):

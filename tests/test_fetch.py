@@ -139,10 +139,14 @@ class FetchTests(unittest.TestCase):
         """Only HTTP sources: whole blocks per mirror, checked against their roots; the liar is caught."""
         return ensureDeferred(self._mirrors())
 
-    async def _mirrors(self) -> None:
+    def test_mirrors_only_checked_in_threads(self) -> Deferred[None]:
+        """The same without helper processes: whole blocks are checked in worker threads."""
+        return ensureDeferred(self._mirrors("--verify-processes", "0"))
+
+    async def _mirrors(self, *extra: str) -> None:
         good, bad = self.http("good"), self.http("bad")
         code, lines, out, err = await self.fetch(
-            "--manifest", self.manifest_path, "--source", bad, "--source", good
+            "--manifest", self.manifest_path, "--source", bad, "--source", good, *extra
         )
         self.assertEqual(code, 0, err)
         with open(out, "rb") as f:
@@ -189,3 +193,6 @@ class FetchTests(unittest.TestCase):
         code, _, _, err = await self.fetch("--manifest", self.manifest_path, "--source", "gopher://x")
         self.assertEqual(code, 2)
         self.assertIn("unknown source", err)
+        code, _, _, err = await self.fetch("--manifest", self.manifest_path, "--verify-processes", "-1")
+        self.assertEqual(code, 2)
+        self.assertIn("--verify-processes is at least 0", err)

@@ -199,6 +199,13 @@ class GeometryTests(SynchronousTestCase):
         self.assertEqual(g.num_blocks, 1024)
         self.assertEqual(g.subs_per_block, 16)
 
+    def test_derived_values_follow_evolve(self) -> None:
+        g = evolve(Geometry(10000, BLOCK, SUB), size=20000)
+        self.assertEqual(g.num_blocks, 5)
+        self.assertEqual([g.block_length(b) for b in (3, 4)], [4096, 20000 - 4 * 4096])
+        self.assertEqual(g, Geometry(20000, BLOCK, SUB))
+        self.assertEqual(repr(g), "Geometry(size=20000, block_size=4096, sub_block_size=1024)")
+
     def test_invalid(self) -> None:
         for args in [
             (-1, BLOCK, SUB),

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshstream.agent.store import StoreError, check_sub
-from meshstream.errors import DownloadFailed, QuotaExceeded
+from meshstream.errors import CheckDeclined, DownloadFailed, QuotaExceeded
 from meshstream.interfaces import IStreamSource
 from meshstream.manifest import Manifest, leaf_hash, root_hash
 from meshstream.scheduler import core as sched
@@ -91,6 +91,11 @@ Buffer = bytes | memoryview
 Offload = Callable[..., "Deferred[Any]"]
 #: fetch_range(url, first, last) -> Deferred of exactly last - first + 1 bytes.
 RangeFetcher = Callable[[str, int, int], "Deferred[memoryview]"]
+#: check_block(block, data, root) -> Deferred of the leaves of a whole block
+#: from an HTTP source once checked against its root and stored (of None if
+#: it does not match), or None to leave the job to the offloaded default
+#: (as does a Deferred that fails with CheckDeclined).
+BlockChecker = Callable[[int, Buffer, bytes], "Deferred[list[bytes] | None] | None"]
 
 
 @define
@@ -174,6 +179,8 @@ class DownloadSession:
         origin_grace: float = ORIGIN_GRACE,
         offload: Offload | None = None,
         deadline: float = PLAYBACK_DEADLINE,
+        recycle: Callable[[Buffer], None] | None = None,
+        check_block: BlockChecker | None = None,
     ) -> None:
         self.entry = entry
         self.manifest = entry.manifest
@@ -190,6 +197,10 @@ class DownloadSession:
         self._on_block = on_block
         self.origin_grace = origin_grace
         self._offload = offload
+        #: Takes back an HTTP body buffer once a whole block from it is
+        #: written (or rejected), for the range fetcher to reuse.
+        self._recycle = recycle
+        self._check_block = check_block
         #: While a whole HTTP run is being handled, the requests it frees up
         #: are gathered here and sent as few, large Range requests.
         self._http_batch: dict[tuple[str, int], list[int]] | None = None
@@ -576,10 +587,23 @@ class DownloadSession:
         if leaves is None and len(run) == g.subs_in_block(block) and block not in self._parked:
             # A whole block with no hash list: check it against its root and
             # store it in one write, all in the worker; nothing to park.
+            # Meanwhile it counts as arrived (the scheduler holds it until
+            # confirmed or discarded), so the source's next request goes out
+            # now: hashing is off the network's critical path.
+            with self._batched_http():
+                for sub in run:
+                    self._run(self.scheduler.arrived(key, block, sub, g.sub_length(block, sub)))
             root = self.manifest.block_roots[block]
-            whole: Deferred[list[bytes] | None] = offload(
-                _check_block_and_store, self.entry, block, data, root
-            )
+            whole = self._check_block(block, data, root) if self._check_block is not None else None
+            if whole is None:
+                whole = offload(_check_block_and_store, self.entry, block, data, root)
+            else:
+
+                def declined(f: Failure) -> Deferred[list[bytes] | None]:
+                    f.trap(CheckDeclined)
+                    return offload(_check_block_and_store, self.entry, block, data, root)
+
+                whole.addErrback(declined)
             whole.addCallback(self._http_block_checked, key, block, run, data)
             whole.addErrback(self._store_failed)
             return
@@ -593,15 +617,18 @@ class DownloadSession:
         self, leaves: list[bytes] | None, key: str, block: int, run: list[int], data: Buffer
     ) -> None:
         """Back on the reactor with a whole block: stored and its leaves, or None if it did not match."""
+        if self._recycle is not None:
+            # Written or rejected: nothing reads these bytes any more.
+            self._recycle(data)
         if self._stopped:
             return
         g = self.manifest.geometry
         with self._batched_http():
             if leaves is None:
-                self.rejected_bytes += len(data)
+                self.rejected_bytes += g.block_length(block)
                 self.log.warn("Block {block} from {source} does not match its root", block=block, source=key)
                 for sub in run:
-                    self._run(self.scheduler.failed(key, block, sub, strike=False))
+                    self._run(self.scheduler.discard(block, sub, strike=False))
                 self._run(self.scheduler.strike(key))
                 return
             self.leaves.setdefault(block, leaves)
@@ -614,7 +641,7 @@ class DownloadSession:
                         self._fail(DownloadFailed(f"cannot store {self.content_id[:12]}: {e}"))
                         return
                     self.bytes_by_source[key] = self.bytes_by_source.get(key, 0) + n
-                self._run(self.scheduler.received(key, block, sub, n))
+                self._run(self.scheduler.confirm(block, sub, n))
                 if self._stopped:
                     return
             if block in self._parked:
@@ -633,7 +660,10 @@ class DownloadSession:
         if self._stopped:
             return
         with self._batched_http():
-            self._http_results(results, key, block, data, stored)
+            parked = self._http_results(results, key, block, data, stored)
+        if not parked and self._recycle is not None:
+            # Every piece was written, dropped or rejected: no view of it is kept.
+            self._recycle(data)
 
     @contextmanager
     def _batched_http(self) -> Iterator[None]:
@@ -653,7 +683,9 @@ class DownloadSession:
 
     def _http_results(
         self, results: list[tuple[int, bytes, bool]], key: str, block: int, data: Buffer, stored: bool
-    ) -> None:
+    ) -> bool:
+        """Account for an HTTP run's sub blocks; True if some were parked (and so hold on to C{data})."""
+        parked = False
         g = self.manifest.geometry
         offset = 0
         for sub, leaf, ok in results:
@@ -678,8 +710,10 @@ class DownloadSession:
                     self._run(self.scheduler.failed(key, block, sub))
             else:
                 self._park(key, block, sub, piece, leaf)
+                parked = True
             if self._stopped:
-                return
+                return True
+        return parked
 
     def _store_failed(self, f: Failure) -> None:
         f.trap(StoreError)

@@ -27,11 +27,12 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from meshstream.tracker import auth
-from meshstream.tracker.client import read_password_file
-from meshstream.tracker.store import StoreError, TrackerStore, open_store
+
+if TYPE_CHECKING:
+    from meshstream.tracker.store import TrackerStore
 
 DEFAULT_DB = "sqlite:meshstream-tracker.sqlite"
 T = TypeVar("T")
@@ -80,6 +81,10 @@ def _password(args: argparse.Namespace) -> tuple[str, bool]:
     if args.generate_password:
         return secrets.token_urlsafe(18), True
     if args.password_file:
+        # Here, not at the top: the tracker client pulls in twisted.web, and
+        # every meshstream command imports this module for its options.
+        from meshstream.tracker.client import read_password_file
+
         try:
             return read_password_file(args.password_file), False
         except ValueError as e:
@@ -148,7 +153,12 @@ async def _run(args: argparse.Namespace, store: TrackerStore, out: Callable[[str
 
 def run_tracker_command(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     """Run a C{meshstream tracker ...} command; 0 on success, 1 with a message on failure."""
+    # Here, not at the top: every meshstream command imports this module for
+    # its options, and the store (with twisted.enterprise) is a tenth of a
+    # fetch's start-up.
     from twisted.internet import defer, task
+
+    from meshstream.tracker.store import StoreError, open_store
 
     errors: list[str] = []
 
