@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from meshstream.errors import TrackerError, UnknownContent
 from meshstream.manifest import Manifest
-from meshstream.tracker.client import NodeInfo, TrackerClient, split_address
+from meshstream.tracker.client import Credentials, NodeInfo, TrackerClient, split_address
 
 BASE = "http://tracker.test:7070"
 
@@ -211,6 +211,80 @@ class TrackerClientTests(unittest.TestCase):
         f = self.failureResultOf(client.nodes("ab" * 32), TrackerError)
         self.assertEqual((f.value.status, f.value.code), (None, None))
         self.assertIn("refused", str(f.value))
+
+
+class _Expiring(Resource):
+    """
+    A tracker whose tokens are all stale but the last one it handed out;
+    logins wait until L{answer_logins}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, status: int = 200) -> None:
+        super().__init__()
+        self.status = status
+        self.logins = 0
+        self.waiting: list[Request] = []
+
+    def render(self, request: Request) -> bytes | int:
+        if request.path == b"/api/v1/login":
+            self.waiting.append(request)
+            return NOT_DONE_YET
+        if request.getHeader("authorization") == f"Bearer t{self.logins}":
+            return json.dumps({"user": "alice", "role": "user", "quota_bytes": None}).encode()
+        request.setResponseCode(401)
+        return json.dumps({"error": {"code": "token_expired", "message": "expired"}}).encode()
+
+    def answer_logins(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for request in waiting:
+            self.logins += 1
+            request.setResponseCode(self.status)
+            if self.status == 200:
+                request.write(json.dumps({"token": f"t{self.logins}"}).encode())
+            else:
+                request.write(b'{"error": {"code": "bad_credentials", "message": "no"}}')
+            request.finish()
+
+
+class LoginTests(unittest.TestCase):
+    def client(self, tracker: _Expiring) -> tuple[TrackerClient, StubTreq]:
+        stub = StubTreq(tracker)
+        creds = Credentials("alice", "pw")
+        return TrackerClient(stub, BASE, Clock(), credentials=creds, token="stale"), stub
+
+    def test_concurrent_calls_share_one_login(self) -> None:
+        """Calls that all find their token expired log in once, together."""
+        tracker = _Expiring()
+        client, stub = self.client(tracker)
+        calls = [client.whoami() for _ in range(3)]
+        stub.flush()
+        self.assertEqual(len(tracker.waiting), 1)  # three 401s, one login
+        tracker.answer_logins()
+        stub.flush()
+        self.assertEqual([self.successResultOf(d)["user"] for d in calls], ["alice"] * 3)
+        self.assertEqual((tracker.logins, client.token), (1, "t1"))
+        # Once settled, the next expiry brings the next login.
+        tracker.logins += 1  # the tracker forgets t1
+        d = client.whoami()
+        stub.flush()
+        tracker.answer_logins()
+        stub.flush()
+        self.assertEqual(self.successResultOf(d)["user"], "alice")
+        self.assertEqual((tracker.logins, client.token), (3, "t3"))
+
+    def test_failed_login_fails_every_waiter(self) -> None:
+        """A login the tracker refuses fails each call that waited for it."""
+        tracker = _Expiring(status=401)
+        client, stub = self.client(tracker)
+        calls = [client.whoami(), client.whoami()]
+        stub.flush()
+        self.assertEqual(len(tracker.waiting), 1)
+        tracker.answer_logins()
+        stub.flush()
+        for d in calls:
+            self.assertEqual(self.failureResultOf(d, TrackerError).value.code, "bad_credentials")
 
 
 class SplitAddressTests(unittest.SynchronousTestCase):

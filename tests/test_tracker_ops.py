@@ -303,7 +303,7 @@ class _OpsMixin:
         self.patch(t.service.store, "ping", lambda: pings.append(Deferred()) or pings[-1])
         first = Deferred.fromCoroutine(t.request("GET", "/api/v1/health"))
         second = Deferred.fromCoroutine(t.request("GET", "/api/v1/health"))
-        while len(t.service.api._ping_waiters) < 2:  # both requests arrived
+        while t.service.api._ping.waiting < 2:  # both requests arrived
             await _turn()
         self.assertEqual(len(pings), 1)
         self.clock.advance(HEALTH_TIMEOUT - 0.1)
@@ -313,10 +313,10 @@ class _OpsMixin:
             status, doc = await d
             self.assertEqual((status, doc["status"]), (503, "unavailable"))
             self.assertIn("timed out", doc["error"]["message"])
-        self.assertEqual(t.service.api._ping_waiters, [])
+        self.assertEqual(t.service.api._ping.waiting, 0)
         # The hung ping still holds its place: a new check does not queue another...
         third = Deferred.fromCoroutine(t.request("GET", "/api/v1/health"))
-        while not t.service.api._ping_waiters:
+        while not t.service.api._ping.waiting:
             await _turn()
         self.assertEqual(len(pings), 1)
         # ...and when the database answers at last, it is healthy again.
@@ -526,7 +526,7 @@ class HealthWithoutDatabaseTests(unittest.TestCase):
         await t.start()
         self.addCleanup(silent.hang_up, listening)  # before the tracker stops: frees the pool's thread
         answer = Deferred.fromCoroutine(t.request("GET", "/api/v1/health"))
-        while not t.service.api._ping_waiters:
+        while not t.service.api._ping.waiting:
             await _turn()
         clock.advance(HEALTH_TIMEOUT)
         status, doc = await answer

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
+from meshstream.coalesce import Coalesced
 from meshstream.tracker.client import NodeInfo, NodeList
 
 
@@ -65,7 +65,9 @@ class TicketedLookup:
         self._ticket: bytes | None = None
         self._got_at = 0.0
         self._expires = 0.0
-        self._waiting: list[Deferred[bytes]] = []
+        self._renew: Coalesced[bytes] = Coalesced(
+            lambda: self.find_nodes().addCallback(lambda _: self._ticket or b"")
+        )
 
     def find_nodes(self) -> Deferred[list[Any]]:
         """A lookup: fires with the nodes (this one left out), keeping the ticket."""
@@ -99,16 +101,4 @@ class TicketedLookup:
         if self.fresh():
             assert self._ticket is not None
             return succeed(self._ticket)
-        waiting: Deferred[bytes] = Deferred()
-        self._waiting.append(waiting)
-        if len(self._waiting) == 1:
-            self.find_nodes().addBoth(self._settle)
-        return waiting
-
-    def _settle(self, result: object) -> None:
-        everyone, self._waiting = self._waiting, []
-        for d in everyone:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(self._ticket or b"")
+        return self._renew()

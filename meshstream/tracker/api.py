@@ -44,6 +44,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import Interface
 
 from meshstream import tickets
+from meshstream.coalesce import Coalesced
 from meshstream.manifest import Manifest, ManifestError, public_key_text
 from meshstream.tracker import auth, billing, catalog
 from meshstream.tracker.auth import Principal
@@ -512,8 +513,9 @@ class TrackerAPI:
             else TrackerMetrics(store_errors=lambda: getattr(store, "errors", 0))
         )
         self.health_timeout = health_timeout
-        self._ping_waiters: list[Deferred[None]] = []
-        self._pinging = False
+        # Concurrent health checks share one ping, so that a hung database
+        # gets no pile of queued pings; a check that gives up leaves it.
+        self._ping: Coalesced[None] = Coalesced(lambda: self.store.ping())
         self.quotas = billing.QuotaCache()
 
     @property
@@ -672,31 +674,6 @@ class TrackerAPI:
             )
 
         return d.addCallbacks(lambda _: Reply(200, {"status": "ok", "schema": SCHEMA_VERSION}), down)
-
-    def _ping(self) -> Deferred[None]:
-        """
-        Ping the store, sharing one ping among concurrent health checks, so
-        that a hung database gets no pile of queued pings.  A waiter that
-        gives up (is cancelled) leaves the queue.
-        """
-        waiters = self._ping_waiters
-        d: Deferred[None] = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
-        waiters.append(d)
-        if not self._pinging:
-            self._pinging = True
-
-            def fire(result: Failure | None) -> None:
-                self._pinging = False
-                pending = list(waiters)
-                waiters.clear()
-                for w in pending:
-                    if isinstance(result, Failure):
-                        w.errback(result)
-                    else:
-                        w.callback(None)
-
-            self.store.ping().addBoth(fire)
-        return d
 
     def key(self, request: Request, args: Sequence[str]) -> Reply:
         return Reply(200, {"algorithm": "ed25519", "public_key": self._public_text})

@@ -35,6 +35,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+from meshstream.coalesce import Coalesced
 from meshstream.errors import QuotaExceeded, TrackerError, UnknownContent
 from meshstream.manifest import Manifest, ManifestError, load_public_key
 from meshstream.tracker.catalog import ContentInfo
@@ -224,18 +225,25 @@ class TrackerClient:
     max_body: int = DEFAULT_MAX_BODY
     credentials: Credentials | None = None
     token: str | None = None
-    _logging_in: list[Deferred[str]] = field(factory=list)
+    _login: Coalesced[str] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._login = Coalesced(self._login_once)
 
     # -- authentication --------------------------------------------------------
 
     def login(self) -> Deferred[str]:
-        """Log in with the credentials; fire with the new token (also kept in C{token})."""
+        """
+        Log in with the credentials; fire with the new token (also kept in
+        C{token}).  One login at a time: callers asking while one is under
+        way share its outcome.
+        """
         if self.credentials is None:
             return fail(TrackerError("no credentials to log in with", 401, "unauthenticated"))
-        waiting: Deferred[str] = Deferred()
-        self._logging_in.append(waiting)
-        if len(self._logging_in) > 1:
-            return waiting  # one login at a time; the others wait for it
+        return self._login()
+
+    def _login_once(self) -> Deferred[str]:
+        assert self.credentials is not None
         body = _encode({"user": self.credentials.user, "password": self.credentials.password})
 
         def got(doc: object) -> str:
@@ -245,16 +253,7 @@ class TrackerClient:
             self.token = token
             return token
 
-        def settle(result: str | Failure) -> None:
-            everyone, self._logging_in = self._logging_in, []
-            for d in everyone:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(result)
-
-        self._request("POST", "/api/v1/login", body, None, None).addCallback(got).addBoth(settle)
-        return waiting
+        return self._request("POST", "/api/v1/login", body, None, None).addCallback(got)
 
     def whoami(self) -> Deferred[dict[str, Any]]:
         """C{{"user", "role", "quota_bytes"}} of the logged-in user."""
