@@ -231,11 +231,9 @@ async def _fetch(
 
     def agent() -> Any:
         if not web:
-            from twisted.web.client import HTTPConnectionPool
+            from meshstream.sources import StoppablePool, make_agent
 
-            from meshstream.sources import make_agent
-
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = StoppablePool(reactor, persistent=True)
             pool.maxPersistentPerHost = 32
             web["pool"] = pool
             web["agent"] = make_agent(reactor, pool)
@@ -251,13 +249,12 @@ async def _fetch(
     tracker = None
     tracker_pool: Any = None
     if args.tracker:
-        from twisted.web.client import HTTPConnectionPool
-
+        from meshstream.sources import StoppablePool
         from meshstream.tls import tracker_http
         from meshstream.tracker.client import TrackerClient
 
         # A pool of its own: see L{tracker_http}.
-        tracker_pool = HTTPConnectionPool(reactor, persistent=True)
+        tracker_pool = StoppablePool(reactor, persistent=True)
         http = tracker_http(reactor, tracker_pool, args.tracker_ca)
         tracker = TrackerClient(http, args.tracker, reactor, credentials=credentials)
     node_id = "fetch-" + uuid.uuid4().hex[:8]

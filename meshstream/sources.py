@@ -167,6 +167,33 @@ class _BigReads:
         return d.addCallback(bigger)
 
 
+class StoppablePool(HTTPConnectionPool):
+    """
+    A persistent connection pool that stays empty once closed.
+
+    L{HTTPConnectionPool.closeCachedConnections} closes the idle connections
+    it holds, but a request still under way puts its connection back into
+    the pool when its answer is done, where it waits (with a timer) for a
+    next request that never comes: a service that stops with a request in
+    flight would leave an open connection behind.  Once
+    L{closeCachedConnections} has been called, this pool closes such
+    connections instead.
+    """
+
+    stopped = False
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        self.stopped = True
+        d: Deferred[None] = super().closeCachedConnections()
+        return d
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self.stopped:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+
 def make_agent(reactor: Any, pool: HTTPConnectionPool) -> Agent:
     """An Agent for Range requests, with cached endpoints."""
     return Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)

@@ -222,13 +222,12 @@ class AgentService(Service):
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.node_id = self.node_id or self._load_node_id()
         self.store = AgentStore(cfg.data_dir, load_or_create_key(os.path.join(cfg.data_dir, "box.key")))
-        from twisted.web.client import HTTPConnectionPool
-
+        from meshstream.sources import StoppablePool
         from meshstream.tls import tracker_http
 
-        self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self._pool = StoppablePool(self.reactor, persistent=True)
         self._agent = make_agent(self.reactor, self._pool)
-        self._tracker_pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self._tracker_pool = StoppablePool(self.reactor, persistent=True)
         self.http = tracker_http(self.reactor, self._tracker_pool, cfg.tracker_ca)
         self.tracker = TrackerClient(
             self.http, cfg.tracker.rstrip("/"), self.clock, credentials=cfg.credentials
