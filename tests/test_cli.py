@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NamedTuple
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -15,12 +17,38 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from meshstream import cli
 from meshstream.manifest import Manifest
 from meshstream.tracker import auth
-from meshstream.tracker.client import TrackerClient
+from meshstream.tracker.client import Credentials, TrackerClient
 from meshstream.tracker.service import build_tracker_service, load_or_create_key
 from tests._accounts import make_user
 from tests._media import SKIP_MEDIA, make_clip
 
 reactor = _reactor
+
+
+class _Tracker(NamedTuple):
+    url: str
+    #: Gives C{pub}'s password to C{meshstream publish --user pub}.
+    env: dict[str, str]
+    key: Ed25519PrivateKey
+    creds: Credentials
+
+
+async def publishing_tracker(case: unittest.TestCase, directory: str) -> _Tracker:
+    """
+    Start a tracker on loopback (SQLite in C{directory}) with a content
+    server account C{pub}.
+    """
+    key = load_or_create_key(os.path.join(directory, "t.key"))
+    service = build_tracker_service(
+        reactor, ["tcp:0:interface=127.0.0.1"], f"sqlite:{directory}/t.sqlite", key
+    )
+    service.startService()
+    case.addCleanup(service.stopService)
+    (port,) = await service.listening()
+    await service.ready()
+    creds = await make_user(service.store, "pub", auth.SERVER)
+    url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+    return _Tracker(url, {**os.environ, "MESHSTREAM_PASSWORD": creds.password}, key, creds)
 
 
 class PublishTests(unittest.TestCase):
@@ -67,17 +95,8 @@ class PublishTests(unittest.TestCase):
         return ensureDeferred(self._with_tracker())
 
     async def _with_tracker(self) -> None:
-        key = load_or_create_key(os.path.join(self.dir, "t.key"))
-        service = build_tracker_service(
-            reactor, ["tcp:0:interface=127.0.0.1"], f"sqlite:{self.dir}/t.sqlite", key
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        (port,) = await service.listening()
-        await service.ready()
-        creds = await make_user(service.store, "pub", auth.SERVER)
-        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
-        env = {**os.environ, "MESHSTREAM_PASSWORD": creds.password}
+        t = await publishing_tracker(self, self.dir)
+        url, env = t.url, t.env
         args = ["-m", "meshstream.cli", "publish", self.path, "--tracker", url, "--user", "pub"]
         # A wrong password: a clear failure.
         _, err, code = await getProcessOutputAndValue(
@@ -89,7 +108,7 @@ class PublishTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         with open(self.path + ".manifest.json", "rb") as f:
             manifest = Manifest.from_json(f.read())
-        manifest.verify(key.public_key())
+        manifest.verify(t.key.public_key())
         self.assertIn(manifest.content_id.encode(), out)
         # An unreachable tracker: a clear failure, exit code 1.
         out, err, code = await getProcessOutputAndValue(
@@ -151,24 +170,15 @@ class MediaPublishTests(unittest.TestCase):
 
     async def test_published_and_found(self) -> None:
         """Publish through the command to a tracker; search finds it with its duration."""
-        key = load_or_create_key(os.path.join(self.dir, "t.key"))
-        service = build_tracker_service(
-            reactor, ["tcp:0:interface=127.0.0.1"], f"sqlite:{self.dir}/t.sqlite", key
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        (port,) = await service.listening()
-        await service.ready()
-        creds = await make_user(service.store, "pub", auth.SERVER)
-        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
-        env = {**os.environ, "MESHSTREAM_PASSWORD": creds.password}
+        t = await publishing_tracker(self, self.dir)
+        url, env = t.url, t.env
         args = ["-m", "meshstream.cli", "publish", self.path, "--tracker", url, "--user", "pub"]
         out, err, code = await getProcessOutputAndValue(sys.executable, args, env=env)
         self.assertEqual(code, 0, err)
         self.assertIn(b'"Our Holiday" video/mp4, 2.0 s', out)
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
-        client = TrackerClient(HTTPClient(Agent(reactor, pool=pool)), url, reactor, credentials=creds)
+        client = TrackerClient(HTTPClient(Agent(reactor, pool=pool)), url, reactor, credentials=t.creds)
         page = await client.search("holiday", mime="video/")
         self.assertEqual(page.total, 1)
         (info,) = page.contents
