@@ -47,8 +47,9 @@ class TrackerExited(Exception):
 class TrackerProcess:
     """C{twistd meshstream-tracker} in a child process, with its log events."""
 
-    def __init__(self, db_url: str, workdir: str, level: str = "debug") -> None:
+    def __init__(self, db_url: str, workdir: str, level: str = "debug", options: Sequence[str] = ()) -> None:
         self.db_url = db_url
+        self.options = list(options)
         self.workdir = workdir
         self.level = level
         self.events: list[Event] = []
@@ -73,6 +74,7 @@ class TrackerProcess:
             "--metrics-listen=tcp:0:interface=127.0.0.1",
             f"--db={self.db_url}",
             f"--key={os.path.join(self.workdir, 'tracker.key')}",
+            *self.options,
         ]
         with open(os.path.join(self.workdir, "stderr"), "wb") as stderr:
             self._process = subprocess.Popen(

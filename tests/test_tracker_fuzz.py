@@ -224,7 +224,14 @@ class _FuzzMixin:
         cls.started = True
         cls.workdir = tempfile.mkdtemp(prefix="meshstream-fuzz-")
         url = cls.db_url(cls.workdir)
-        cls.tracker = TrackerProcess(url, cls.workdir)
+        # Fuzzing logs in wrongly thousands of times from one address: lift
+        # the guessing limits (tests/test_tracker_throttle.py tests them).
+        many = "1000000000"
+        cls.tracker = TrackerProcess(
+            url,
+            cls.workdir,
+            options=[f"--login-failures-per-user={many}", f"--login-failures-per-client={many}"],
+        )
         cls.tracker.start()
         health = exchange(cls.tracker.port, request_bytes(b"GET", b"/api/v1/health"))  # migrated
         assert health is not None and health.status == 200, health

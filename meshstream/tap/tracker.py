@@ -14,6 +14,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from meshstream.tracker.store import StoreError, parse_db_url
+from meshstream.tracker.throttle import DEFAULT_PER_CLIENT, DEFAULT_PER_USER, DEFAULT_WINDOW, LoginLimits
 
 DEFAULT_LISTEN = "tcp:7070"
 
@@ -44,6 +45,28 @@ class Options(usage.Options):
             int,
         ],
         ["ticket-ttl", None, 300.0, "Seconds a peer ticket stays valid.", float],
+        [
+            "login-window",
+            None,
+            DEFAULT_WINDOW,
+            "Seconds over which failed logins are counted (see --login-failures-*).",
+            float,
+        ],
+        [
+            "login-failures-per-user",
+            None,
+            DEFAULT_PER_USER,
+            "Failed logins for one user name in the window after which it is refused (429).",
+            int,
+        ],
+        [
+            "login-failures-per-client",
+            None,
+            DEFAULT_PER_CLIENT,
+            "Failed logins from one client address in the window after which it is refused "
+            "(behind a reverse proxy every client has the proxy's address: raise it).",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -71,6 +94,10 @@ class Options(usage.Options):
             raise usage.UsageError("--expire-after must be at least 1")
         if not self["ticket-ttl"] > 0:
             raise usage.UsageError("--ticket-ttl must be positive")
+        if not self["login-window"] > 0:
+            raise usage.UsageError("--login-window must be positive")
+        if self["login-failures-per-user"] < 1 or self["login-failures-per-client"] < 1:
+            raise usage.UsageError("--login-failures-per-user and --login-failures-per-client are at least 1")
         try:
             parse_db_url(self["db"])
         except StoreError as e:
@@ -92,6 +119,11 @@ def makeService(options: Options) -> IService:
         expire_after=options["expire-after"],
         ticket_ttl=options["ticket-ttl"],
         metrics_listen=options["metrics-listen"],
+        login_limits=LoginLimits(
+            options["login-window"],
+            options["login-failures-per-user"],
+            options["login-failures-per-client"],
+        ),
     )
 
     def give_up(_failure: object) -> None:

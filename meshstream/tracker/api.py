@@ -53,6 +53,7 @@ from meshstream.tracker.metrics import (
     LOGIN_BAD_CREDENTIALS,
     LOGIN_DISABLED,
     LOGIN_OK,
+    LOGIN_THROTTLED,
     UNMATCHED,
     TrackerMetrics,
 )
@@ -67,6 +68,7 @@ from meshstream.tracker.store import (
     TrackerStore,
     UsageResult,
 )
+from meshstream.tracker.throttle import LoginThrottle
 
 log = Logger()
 
@@ -480,6 +482,7 @@ class TrackerAPI:
         metrics: TrackerMetrics | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
         rng: Random | None = None,
+        login_throttle: LoginThrottle | None = None,
     ) -> None:
         """
         @param token_ttl: seconds a login token stays valid.
@@ -493,6 +496,8 @@ class TrackerAPI:
             for the database.
         @param rng: the randomness of the node lists' spread (see
             L{meshstream.tracker.ranking}); seeded in tests.
+        @param login_throttle: counts failed logins and refuses guessing
+            (L{meshstream.tracker.throttle}); by default its default limits.
         """
         self.rng = rng if rng is not None else Random()
         self.store = store
@@ -517,6 +522,7 @@ class TrackerAPI:
         # gets no pile of queued pings; a check that gives up leaves it.
         self._ping: Coalesced[None] = Coalesced(lambda: self.store.ping())
         self.quotas = billing.QuotaCache()
+        self.login_throttle = login_throttle if login_throttle is not None else LoginThrottle(clock)
 
     @property
     def ttl(self) -> float:
@@ -594,6 +600,23 @@ class TrackerAPI:
         return d.addCallback(check)
 
     async def _login(self, name: str, password: str, client: str) -> Reply:
+        wait = self.login_throttle.retry_after(name, client)
+        if wait is not None:
+            # Refused before any hashing: guessing costs the tracker nothing.
+            self.metrics.login(LOGIN_THROTTLED)
+            seconds = math.ceil(wait)
+            log.info(
+                "Refused login for {user} from {client}: too many failed logins",
+                user=name,
+                client=client,
+                code="too_many_attempts",
+            )
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                f"too many failed logins; try again in {seconds} s",
+                headers={"Retry-After": str(seconds)},
+            )
         user = await self.store.get_user(name)
         stored = user.password if user is not None else auth.DUMMY_HASH
         try:
@@ -602,6 +625,7 @@ class TrackerAPI:
             log.error("User {user} has an unreadable password hash", user=name)
             ok = False
         if user is None or not ok:
+            self.login_throttle.failed(name, client)
             self.metrics.login(LOGIN_BAD_CREDENTIALS)
             log.info(
                 "Failed login for {user} from {client}", user=name, client=client, code="bad_credentials"
@@ -616,6 +640,7 @@ class TrackerAPI:
                 code="user_disabled",
             )
             raise ApiError(403, "user_disabled", f"user {name} is disabled")
+        self.login_throttle.succeeded(name)
         token = auth.new_token()
         expires = self.clock.seconds() + self.token_ttl
         await self.store.add_token(auth.token_digest(token), name, expires)

@@ -50,6 +50,7 @@ UNMATCHED = "unmatched"
 LOGIN_OK = "ok"
 LOGIN_BAD_CREDENTIALS = "bad_credentials"
 LOGIN_DISABLED = "disabled"
+LOGIN_THROTTLED = "throttled"
 
 
 def method_label(method: bytes) -> str:
@@ -126,7 +127,7 @@ class TrackerMetrics:
         # (route, method label, status) -> its counter and histogram children:
         # labels() validates and locks on every call, a dict lookup does not.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        for outcome in (LOGIN_OK, LOGIN_BAD_CREDENTIALS, LOGIN_DISABLED):
+        for outcome in (LOGIN_OK, LOGIN_BAD_CREDENTIALS, LOGIN_DISABLED, LOGIN_THROTTLED):
             self.logins.labels(outcome)
 
     def request(self, route: str, method: bytes, status: int, seconds: float) -> None:

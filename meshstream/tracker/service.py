@@ -42,6 +42,7 @@ from zope.interface import implementer
 from meshstream.tracker.api import DEFAULT_TICKET_TTL, BoundedRequest, TrackerAPI, format_address
 from meshstream.tracker.metrics import MetricsResource
 from meshstream.tracker.store import TrackerStore, open_store
+from meshstream.tracker.throttle import LoginLimits, LoginThrottle
 
 log = Logger()
 
@@ -292,6 +293,7 @@ def build_tracker_service(
     clock: IReactorTime | None = None,
     ticket_ttl: float = DEFAULT_TICKET_TTL,
     metrics_listen: Sequence[str] = (),
+    login_limits: LoginLimits | None = None,
 ) -> TrackerService:
     """
     Put a tracker together from its settings.
@@ -299,8 +301,10 @@ def build_tracker_service(
     C{clock} (default: C{reactor}) is the tracker's only source of time: the
     API's C{last_seen} and expiry, and the purge timer.  Tests pass a
     L{twisted.internet.task.Clock} while C{reactor} does the networking.
+    C{login_limits}: how failed logins are throttled (default: L{LoginLimits}'s).
     """
     time = clock if clock is not None else reactor
+    limits = login_limits if login_limits is not None else LoginLimits()
     store = open_store(db_url, reactor)
     api = TrackerAPI(
         store,
@@ -309,5 +313,8 @@ def build_tracker_service(
         announce_interval=announce_interval,
         expire_after=expire_after,
         ticket_ttl=ticket_ttl,
+        login_throttle=LoginThrottle(
+            time, window=limits.window, per_user=limits.per_user, per_client=limits.per_client
+        ),
     )
     return TrackerService(reactor, api, listen, clock=time, metrics_listen=metrics_listen)
