@@ -337,7 +337,9 @@ class PhaseResult:
     cpu_db: float | None = None
     cpu_loadgen: float | None = None
     cpu_machine: float | None = None  # fraction of all cores
+    cpu_other: float | None = None  # everything else on the machine, fraction of one core
     loadgen_us_per_request: float | None = None
+    tracker_us_per_request: float | None = None  # tracker CPU ÷ requests answered, all ops
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -347,7 +349,9 @@ class PhaseResult:
             "cpu_db": _r(self.cpu_db),
             "cpu_loadgen": _r(self.cpu_loadgen),
             "cpu_machine": _r(self.cpu_machine),
+            "cpu_other": _r(self.cpu_other),
             "loadgen_us_per_request": _r(self.loadgen_us_per_request, 1),
+            "tracker_us_per_request": _r(self.tracker_us_per_request, 1),
             "error": self.error,
             "ops": {o.op: o.to_json() for o in self.ops},
         }
@@ -395,6 +399,11 @@ def split(workloads: list[dict[str, Any]], procs: int) -> list[list[dict[str, An
     return out
 
 
+def py_spy_path() -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return beside if os.path.exists(beside) else shutil.which("py-spy") or "py-spy"
+
+
 def run_phase(
     store: str,
     name: str,
@@ -406,66 +415,74 @@ def run_phase(
 ) -> PhaseResult:
     workloads = phase_workloads(name, args)
     duration = args.health_duration if name == "health" else args.duration
-    procs = []
-    for p, mine in enumerate(split(workloads, args.loadgen_procs)):
-        spec = {
-            "host": "127.0.0.1",
-            "port": tracker.port,
-            "warmup": args.warmup,
-            "duration": duration,
-            "token": dataset["token"],
-            "seed": zlib.crc32(f"{store}/{name}/{p}".encode()),
-            "nodes": dataset["nodes"],
-            "contents": dataset["contents"],
-            "out": os.path.join(workdir, f"lat-{store}-{name}-{p}"),
-            "workloads": mine,
-        }
-        spec_path = os.path.join(workdir, f"spec-{store}-{name}-{p}.json")
-        with open(spec_path, "w") as f:
-            json.dump(spec, f)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "_loadgen.py"), spec_path],
-                stdout=subprocess.PIPE,
-                env=child_env(),
+    procs: list[subprocess.Popen[bytes]] = []
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        for p, mine in enumerate(split(workloads, args.loadgen_procs)):
+            spec = {
+                "host": "127.0.0.1",
+                "port": tracker.port,
+                "warmup": args.warmup,
+                "duration": duration,
+                "token": dataset["token"],
+                "seed": zlib.crc32(f"{store}/{name}/{p}".encode()),
+                "nodes": dataset["nodes"],
+                "contents": dataset["contents"],
+                "out": os.path.join(workdir, f"lat-{store}-{name}-{p}"),
+                "workloads": mine,
+            }
+            spec_path = os.path.join(workdir, f"spec-{store}-{name}-{p}.json")
+            with open(spec_path, "w") as f:
+                json.dump(spec, f)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "_loadgen.py"), spec_path],
+                    stdout=subprocess.PIPE,
+                    env=child_env(),
+                )
             )
-        )
-    spy = None
-    if args.py_spy and name in ("announce", "nodes", "mixed"):
-        spy_out = os.path.join(args.py_spy, f"{store}-{name}.txt")
-        spy = subprocess.Popen(
-            [
-                shutil.which("py-spy") or "py-spy",
-                "record",
-                "--pid",
-                str(tracker.pid),
-                "--duration",
-                str(max(1, int(duration - 1))),
-                "--rate",
-                "200",
-                "--format",
-                "raw",
-                "--threads",
-                "--output",
-                spy_out,
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    # CPU is sampled inside the generators' measurement window.
-    time.sleep(args.warmup + 0.3)
-    before = CpuSample.take(tracker.pid, db_pids)
-    time.sleep(max(0.5, duration - 0.6))
-    after = CpuSample.take(tracker.pid, db_pids)
-    outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=duration + args.warmup + 60)
-        if proc.returncode != 0:
-            return PhaseResult(store, name, duration, [], error=f"load generator exited {proc.returncode}")
-        outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
-    if spy is not None:
-        spy.wait(timeout=60)
+        if args.py_spy and name in ("announce", "nodes", "mixed"):
+            spy_out = os.path.join(args.py_spy, f"{store}-{name}.txt")
+            spy = subprocess.Popen(
+                [
+                    py_spy_path(),
+                    "record",
+                    "--pid",
+                    str(tracker.pid),
+                    "--duration",
+                    str(max(1, int(duration - 1))),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--threads",
+                    "--output",
+                    spy_out,
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        # CPU is sampled inside the generators' measurement window.
+        time.sleep(args.warmup + 0.3)
+        before = CpuSample.take(tracker.pid, db_pids)
+        time.sleep(max(0.5, duration - 0.6))
+        after = CpuSample.take(tracker.pid, db_pids)
+        outputs = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=duration + args.warmup + 60)
+            if proc.returncode != 0:
+                return PhaseResult(
+                    store, name, duration, [], error=f"load generator exited {proc.returncode}"
+                )
+            outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
+        if spy is not None:
+            spy.wait(timeout=60)
+    finally:
+        for proc in [*procs, *([spy] if spy is not None else [])]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     wall = after.wall - before.wall
     result = PhaseResult(
         store,
@@ -478,7 +495,15 @@ def run_phase(
     )
     gen_cpu = sum(o["cpu_seconds"] for o in outputs)
     result.cpu_loadgen = gen_cpu / duration
-    for i, w in enumerate(workloads):
+    assert result.cpu_machine is not None and result.cpu_tracker is not None
+    result.cpu_other = max(
+        0.0,
+        result.cpu_machine * (psutil.cpu_count() or 1)
+        - result.cpu_tracker
+        - (result.cpu_db or 0.0)
+        - result.cpu_loadgen,
+    )
+    for w in workloads:
         op = OpResult(
             store,
             name,
@@ -507,9 +532,10 @@ def run_phase(
             v = percentile(values, q)
             setattr(op, attr, None if v is None else v * 1000.0)
         result.ops.append(op)
-        del i
     total = sum(o.completed for o in result.ops)
     result.loadgen_us_per_request = gen_cpu / total * 1e6 if total else None
+    if total and result.cpu_tracker is not None:
+        result.tracker_us_per_request = result.cpu_tracker * duration / total * 1e6
     return result
 
 
@@ -563,10 +589,11 @@ def run_store(store: str, args: argparse.Namespace, workdir: str) -> StoreRun:
                 say(f"postgresql: skipped: {run.skipped}")
                 return run
             say(f"postgresql: starting a throwaway cluster ({bin_dir})")
-            cluster = Cluster(bin_dir, parent=workdir)
+            cluster = Cluster(bin_dir)  # in /tmp: the postgres user cannot enter workdir
             cluster.start()
             db_url = cluster.url
-        tracker = Tracker(workdir, store, db_url, args.tracker_arg)
+        access = ["--access-log", "none"] if args.access_log == "none" else []
+        tracker = Tracker(workdir, store, db_url, [*access, *args.tracker_arg])
         say(f"{store}: starting the tracker on 127.0.0.1:{tracker.port}")
         tracker.start()
         t0 = time.monotonic()
@@ -638,9 +665,11 @@ def table(phases: list[PhaseResult], health: dict[str, float] | None = None) -> 
         "p99 ms",
         "max ms",
         "errors",
+        "trk µs/req",
         "cpu trk",
         "cpu db",
         "cpu gen",
+        "cpu other",
         "vs goal",
         "vs HTTP",
     ]
@@ -661,9 +690,11 @@ def table(phases: list[PhaseResult], health: dict[str, float] | None = None) -> 
                     fmt(o.p99_ms, ".2f"),
                     fmt(o.max_ms, ".1f"),
                     str(errors),
+                    fmt(p.tracker_us_per_request, ".0f"),
                     pct(p.cpu_tracker),
                     pct(p.cpu_db),
                     pct(p.cpu_loadgen),
+                    pct(p.cpu_other),
                     goal_ratio(o)[0],
                     vs_http,
                 ]
@@ -725,6 +756,7 @@ def summary(runs: list[StoreRun], args: argparse.Namespace, wall: float) -> dict
             "mixed_announce_rate": args.mixed_announce_rate,
             "mixed_nodes_rate": args.mixed_nodes_rate,
             "loadgen_procs": args.loadgen_procs,
+            "access_log": args.access_log,
             "tracker_args": args.tracker_arg,
             "cpus": psutil.cpu_count(),
         },
@@ -760,6 +792,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-nodes-rate", type=float, default=200.0, help="node lists/s in the mixed phase")
     p.add_argument("--loadgen-procs", type=int, default=1, help="load-generating processes (default 1)")
     p.add_argument("--token", help="send Authorization: Bearer TOKEN with every request")
+    p.add_argument(
+        "--access-log",
+        choices=("none", "log"),
+        default="none",
+        help="tracker's access log: none (default; --access-log none) or log (its default: a line per request in its log)",
+    )
     p.add_argument(
         "--tracker-arg", action="append", default=[], help="extra argument for the tracker (repeatable)"
     )

@@ -161,7 +161,7 @@ class _TrackerHTTPMixin:
 
     async def test_health(self) -> None:
         status, doc, _ = await self.request("GET", "/api/v1/health")
-        self.assertEqual((status, doc), (200, {"status": "ok", "schema": 1}))
+        self.assertEqual((status, doc), (200, {"status": "ok", "schema": 2}))
 
     async def test_register_fetch_verify(self) -> None:
         manifest = make_manifest(1)
@@ -417,10 +417,12 @@ class TrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         return f"sqlite:{self.db_path}"
 
     async def test_schema_version_and_wal(self) -> None:
-        """After start the file has schema_version 1, the tables and WAL mode."""
+        """After start the file has schema versions 1 and 2, the tables and WAL mode."""
         conn = sqlite3.connect(self.db_path)
         try:
-            self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+            self.assertEqual(
+                conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall(), [(1,), (2,)]
+            )
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             self.assertTrue({"manifests", "nodes", "holdings", "schema_version"} <= tables)
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
@@ -437,8 +439,10 @@ class PostgresTrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         return pg_schema_url(self)
 
     async def test_schema_version_and_types(self) -> None:
-        """After start the schema has schema_version 1, the tables, and doubles for times."""
-        self.assertEqual(pg_query(self.db, "SELECT version FROM schema_version"), [(1,)])
+        """After start the schema has schema versions 1 and 2, the tables, and doubles for times."""
+        self.assertEqual(
+            pg_query(self.db, "SELECT version FROM schema_version ORDER BY version"), [(1,), (2,)]
+        )
         columns = dict(
             pg_query(
                 self.db,
@@ -448,6 +452,7 @@ class PostgresTrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         )
         self.assertEqual(columns["manifests.created"], "double precision")
         self.assertEqual(columns["nodes.last_seen"], "double precision")
+        self.assertEqual(columns["nodes.rank_free_upload"], "double precision")
         self.assertEqual(columns["holdings.content_id"], "text")
         self.assertEqual(
             {name.partition(".")[0] for name in columns},

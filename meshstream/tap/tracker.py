@@ -43,6 +43,12 @@ class Options(usage.Options):
             "Missed announces after which a node is dropped.",
             int,
         ],
+        [
+            "access-log",
+            None,
+            "-",
+            "HTTP access log: - (in the tracker's log), none, or a file to append to.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -60,6 +66,8 @@ class Options(usage.Options):
             raise usage.UsageError("--announce-interval must be positive")
         if self["expire-after"] < 1:
             raise usage.UsageError("--expire-after must be at least 1")
+        if self["access-log"] == "none":
+            self["access-log"] = ""
         try:
             parse_db_url(self["db"])
         except StoreError as e:
@@ -79,6 +87,7 @@ def makeService(options: Options) -> IService:
         key,
         announce_interval=options["announce-interval"],
         expire_after=options["expire-after"],
+        access_log=options["access-log"],
     )
 
     def give_up(_failure: object) -> None:

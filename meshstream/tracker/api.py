@@ -34,7 +34,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from meshstream.manifest import Manifest, ManifestError, public_key_text
-from meshstream.tracker.ranking import rank_nodes
 from meshstream.tracker.store import SCHEMA_VERSION, NodeRecord, TrackerStore
 
 log = Logger()
@@ -365,13 +364,13 @@ class TrackerAPI:
     def nodes(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         content_id = parse_content_id(args[0])
         limit, exclude = parse_nodes_query(request.args or {})
-        d = self.store.nodes_for(content_id, self.clock.seconds() - self.ttl)
+        # The store ranks, excludes and limits (in the database).
+        d = self.store.nodes_for(content_id, self.clock.seconds() - self.ttl, limit, exclude)
 
         def ranked(records: list[NodeRecord] | None) -> Reply:
             if records is None:
                 raise ApiError(404, "unknown_content", f"no content {content_id}")
-            chosen = rank_nodes(r for r in records if r.node_id not in exclude)[:limit]
-            return Reply(200, {"content_id": content_id, "nodes": [r.to_dict() for r in chosen]})
+            return Reply(200, {"content_id": content_id, "nodes": [r.to_dict() for r in records]})
 
         return d.addCallback(ranked)
 

@@ -16,6 +16,10 @@ A field is "reported" when it is an C{int} or C{float} (not a C{bool}), finite
 and not negative; anything else counts as missing.  The tracker's announce
 validator already refuses such values, so this only matters for callers that
 feed records from elsewhere.
+
+The tracker's store keeps L{rank_columns} (free upload, connections) beside
+each node's state, so that the database can order a content's holders by
+the same key and hand back only the best few.
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ def rank_key(node_id: str, state: Mapping[str, object]) -> SortKey:
         connections if connections is not None else 0.0,
         node_id,
     )
+
+
+def rank_columns(state: Mapping[str, object]) -> tuple[float | None, float | None]:
+    """
+    C{(free upload, connections)} of a state, None where unknown: the sort
+    key without its node id, as a database orders it (NULL = unknown).
+    """
+    return free_upload(state), _number(state, "connections")
 
 
 def rank_nodes(nodes: Iterable[R]) -> list[R]:

@@ -3,7 +3,10 @@
 The tracker's database: manifests, nodes and what each node holds.
 
 Every call returns a Deferred; the work runs on L{adbapi.ConnectionPool}'s
-threads, one transaction per call.  Two backends, same schema and migrations:
+threads, one transaction per call, except announces: those that arrive
+while an announce transaction runs are written together in the next one
+(L{meshstream.tracker.batch.GroupCommit}), each answered after that commit.
+Two backends, same schema and migrations:
 
   - SQLite (C{sqlite:PATH}, the embedded default): WAL journal, one
     connection;
@@ -19,19 +22,34 @@ How they differ is kept in two places:
     for sqlite3, C{format} for psycopg) and column types (C{REAL} is a 4-byte
     float in PostgreSQL, so it becomes C{DOUBLE PRECISION}); the
     L{Dialect} also says how a transaction begins and how the migration is
-    serialised between processes (C{pg_advisory_xact_lock}).
+    serialised between processes (C{pg_advisory_xact_lock}).  It also spells
+    the byte-order collation (C{COLLATE BINARY} is C{COLLATE "C"} there),
+    so that node ids sort as Python sorts them whatever the database's
+    locale.
 
 L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 
-Write transactions touch C{nodes} before C{holdings}, so that concurrent
-announces, leaves and purges from several trackers lock rows in one order.
+Write transactions touch C{nodes} before C{holdings}, and a group of
+announces touches its nodes in node id order, so that concurrent announces,
+leaves and purges from several trackers lock rows in one order.
 
-Schema (version 1)::
+An announce rewrites only what changed: the node's row, and the holdings it
+gained or dropped (usually none: a node re-announces what it announced).
+Content ids known to have a manifest are remembered (manifests are never
+deleted), so announces and node lists look up only ids not seen before.
+
+Node lists are ranked by the database: each node row carries the two
+figures of L{meshstream.tracker.ranking.rank_columns}, and one query orders
+a content's live holders by them and returns the best few.
+
+Schema (version 2)::
 
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
-  nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL)
-  holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id))
+  nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL,
+        rank_free_upload REAL NULL, rank_connections REAL NULL)
+  holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id),
+           index (content_id, node_id))
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ import importlib
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -51,13 +69,28 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-SCHEMA_VERSION = 1
+from meshstream.tracker.batch import GroupCommit
+from meshstream.tracker.ranking import rank_columns
+
+SCHEMA_VERSION = 2
 
 # Connections (and threads) per PostgreSQL pool; SQLite uses one.
 POSTGRES_POOL_SIZE = 4
 
 # Stay well below SQLite's host-parameter limit (999 before 3.32).
 _IN_CHUNK = 500
+
+# The most announces written in one transaction.  One such transaction
+# runs at a time, so announces commit in the order they arrived (a second
+# one in flight on PostgreSQL made smaller groups and cost more CPU per
+# announce, for no more throughput).
+ANNOUNCE_GROUP = 256
+
+# Bytes of an SQLite file read through a memory map (SQLite caps it at 2 GiB).
+SQLITE_MMAP_SIZE = 1 << 30
+
+# "No limit" for the node-list query (LIMIT NULL is not valid SQLite).
+_NO_LIMIT = 2**62
 
 T = TypeVar("T")
 Cursor = Any  # a DB-API cursor (adbapi's Transaction proxies one)
@@ -141,12 +174,16 @@ class Dialect:
     # begins one only at the first DML statement; an explicit BEGIN makes
     # migrations and read-then-write interactions atomic.
     explicit_begin: bool = False
-    # Column types spelt differently: {written in _SQL: used here}.
+    # Column types and collations spelt differently: {written in _SQL: used here}.
     types: tuple[tuple[str, str], ...] = ()
     # Run first in the migration transaction, so that trackers starting at
     # once on one database migrate one after the other.  (SQLite needs none:
     # the first DDL statement takes the file's write lock.)
     migration_lock: str | None = None
+    # Run first in a node-list transaction.  PostgreSQL's planner, costing
+    # a page read at four times a cached one, joins a content's thousand
+    # holders by scanning every node; index lookups take a third of that.
+    node_list_hint: str | None = None
 
     def sql(self, statement: str) -> str:
         """Rewrite a C{?}-placeholder statement for this driver."""
@@ -165,9 +202,25 @@ POSTGRESQL = Dialect(
     "format",
     # psycopg opens a transaction at the first statement (autocommit off).
     explicit_begin=False,
-    types=(("REAL", "DOUBLE PRECISION"),),
+    types=(("REAL", "DOUBLE PRECISION"), ("BINARY", '"C"')),
     migration_lock=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})",
+    node_list_hint=(
+        "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
+    ),
 )
+
+
+#: A migration step: a statement, or a function of the transaction's cursor.
+MigrationStep = str | Callable[[Cursor, Dialect], None]
+
+
+def _fill_rank_columns(txn: Cursor, dialect: Dialect) -> None:
+    """Compute the rank columns of the nodes announced before they existed."""
+    txn.execute(dialect.sql(_SQL.all_node_states))
+    rows = [(*rank_columns(_decode_state(str(state))), str(node_id)) for node_id, state in txn.fetchall()]
+    rows = [row for row in rows if row[0] is not None or row[1] is not None]
+    if rows:
+        txn.executemany(dialect.sql(_SQL.set_rank_columns), rows)
 
 
 class _SQL:
@@ -177,7 +230,7 @@ class _SQL:
     get_schema_version = "SELECT MAX(version) FROM schema_version"
     set_schema_version = "INSERT INTO schema_version (version) VALUES (?)"
 
-    migrations: dict[int, tuple[str, ...]] = {
+    migrations: dict[int, tuple[MigrationStep, ...]] = {
         1: (
             "CREATE TABLE manifests ("
             " content_id TEXT PRIMARY KEY, json TEXT NOT NULL, created REAL NOT NULL)",
@@ -190,6 +243,15 @@ class _SQL:
             " PRIMARY KEY (node_id, content_id))",
             "CREATE INDEX holdings_content ON holdings (content_id)",
         ),
+        # -- load (issue 4): ranking in the database, a covering index.
+        2: (
+            "ALTER TABLE nodes ADD COLUMN rank_free_upload REAL",
+            "ALTER TABLE nodes ADD COLUMN rank_connections REAL",
+            "CREATE INDEX holdings_content_node ON holdings (content_id, node_id)",
+            "DROP INDEX holdings_content",
+            "DROP INDEX nodes_last_seen",
+            _fill_rank_columns,
+        ),
     }
 
     insert_manifest = (
@@ -200,22 +262,36 @@ class _SQL:
     has_manifest = "SELECT 1 FROM manifests WHERE content_id = ?"
     known_manifests = "SELECT content_id FROM manifests WHERE content_id IN ({marks})"
 
-    upsert_node = (
-        "INSERT INTO nodes (node_id, address, state, last_seen) VALUES (?, ?, ?, ?)"
+    # {rows}: one "(?, ?, ?, ?, ?, ?)" per node, no node twice.
+    upsert_nodes = (
+        "INSERT INTO nodes (node_id, address, state, last_seen, rank_free_upload, rank_connections)"
+        " VALUES {rows}"
         " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
-        " state = excluded.state, last_seen = excluded.last_seen"
+        " state = excluded.state, last_seen = excluded.last_seen,"
+        " rank_free_upload = excluded.rank_free_upload, rank_connections = excluded.rank_connections"
     )
+    upsert_node_row = "(?, ?, ?, ?, ?, ?)"
     delete_node = "DELETE FROM nodes WHERE node_id = ?"
     delete_holdings = "DELETE FROM holdings WHERE node_id = ?"
-    insert_holding = "INSERT INTO holdings (node_id, content_id) VALUES (?, ?)"
+    insert_holdings = "INSERT INTO holdings (node_id, content_id) VALUES {rows}"
+    # The order of meshstream.tracker.ranking.rank_key.
     nodes_for_content = (
         "SELECT n.node_id, n.address, n.state, n.last_seen"
         " FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
         " WHERE h.content_id = ? AND n.last_seen >= ?"
+        " ORDER BY n.rank_free_upload IS NULL, n.rank_free_upload DESC,"
+        " n.rank_connections IS NULL, n.rank_connections, n.node_id COLLATE BINARY"
+        " LIMIT ?"
     )
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
     purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
     count_nodes = "SELECT COUNT(*) FROM nodes"
+
+    # -- load (issue 4): announces write only what changed.
+    holdings_of = "SELECT node_id, content_id FROM holdings WHERE node_id IN ({marks})"
+    delete_holdings_rows = "DELETE FROM holdings WHERE (node_id, content_id) IN ({rows})"
+    all_node_states = "SELECT node_id, state FROM nodes"
+    set_rank_columns = "UPDATE nodes SET rank_free_upload = ?, rank_connections = ? WHERE node_id = ?"
 
 
 @frozen
@@ -244,28 +320,68 @@ def _decode_state(text: str) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+@frozen
+class _Announce:
+    """One announce waiting for its group's transaction."""
+
+    node_id: str
+    address: str
+    state_text: str
+    last_seen: float
+    contents: tuple[str, ...]
+    rank: tuple[float | None, float | None]
+
+
 class TrackerStore:
     """
     The tracker's tables behind Deferred-returning methods.
 
     Call L{start} once (it runs the migrations); calls made before the
     migrations finish wait for them.  L{close} stops the pool.
+
+    @param announce_writers: announce transactions in flight at once (see
+        L{GroupCommit}); with more than one, concurrent announces of one node
+        may commit in either order.
     """
 
     log = Logger()
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect) -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect, announce_writers: int = 1) -> None:
         self._pool = pool
         self._dialect = dialect
         self._ready = False
         self._failed: Failure | None = None
         self._closed = False
         self._waiting: list[Deferred[None]] = []
+        self._statements: dict[str, str] = {}  # _SQL text -> this dialect's
+        # Content ids that have a manifest: only ever grows (nothing deletes
+        # a manifest), read and extended from the pool's threads.
+        self._manifest_ids: set[str] = set()
+        self.announces: GroupCommit[_Announce, list[str]] = GroupCommit(
+            self._write_announces, max_items=ANNOUNCE_GROUP, max_running=announce_writers
+        )
 
     # -- plumbing ----------------------------------------------------------
 
     def _q(self, statement: str) -> str:
-        return self._dialect.sql(statement)
+        q = self._statements.get(statement)
+        if q is None:
+            q = self._statements[statement] = self._dialect.sql(statement)
+        return q
+
+    def _many(self, txn: Cursor, template: str, row: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """
+        Run C{template} with its C{{rows}} standing for as many C{row}s as
+        there are C{rows} (in chunks: one statement, one round trip, per
+        chunk instead of per row).
+        """
+        if not rows:
+            return
+        per = max(1, _IN_CHUNK // len(rows[0]))
+        for i in range(0, len(rows), per):
+            chunk = rows[i : i + per]
+            statement = template.format(rows=", ".join([row] * len(chunk)))
+            txn.execute(self._q(statement), tuple(v for r in chunk for v in r))
 
     def _begin(self, txn: Cursor) -> None:
         if self._dialect.explicit_begin:
@@ -325,7 +441,10 @@ class TrackerStore:
             raise StoreError(f"database schema {version} is newer than this tracker ({SCHEMA_VERSION})")
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _SQL.migrations[step]:
-                txn.execute(self._q(statement))
+                if isinstance(statement, str):
+                    txn.execute(self._q(statement))
+                else:
+                    statement(txn, self._dialect)
             txn.execute(self._q(_SQL.set_schema_version), (step,))
         return SCHEMA_VERSION
 
@@ -334,6 +453,12 @@ class TrackerStore:
         if self._closed:
             return
         self._closed = True
+        if self.announces.groups:
+            self.log.info(
+                "Wrote {items} announces in {groups} transactions",
+                items=self.announces.items,
+                groups=self.announces.groups,
+            )
         self._release(Failure(StoreError("the store is closed")))
         self._pool.close()
 
@@ -372,13 +497,23 @@ class TrackerStore:
 
         return self._interaction(run)
 
-    def _known(self, txn: Cursor, content_ids: Sequence[str]) -> set[str]:
+    def _known(self, txn: Cursor, content_ids: Iterable[str]) -> set[str]:
+        """Which of C{content_ids} have a manifest (asking only about ids not known yet)."""
+        remembered = self._manifest_ids
         known: set[str] = set()
-        for i in range(0, len(content_ids), _IN_CHUNK):
-            chunk = content_ids[i : i + _IN_CHUNK]
+        ask: list[str] = []
+        for c in content_ids:
+            if c in remembered:
+                known.add(c)
+            else:
+                ask.append(c)
+        for i in range(0, len(ask), _IN_CHUNK):
+            chunk = ask[i : i + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
             txn.execute(self._q(_SQL.known_manifests.format(marks=marks)), tuple(chunk))
-            known.update(str(row[0]) for row in txn.fetchall())
+            found = {str(row[0]) for row in txn.fetchall()}
+            known |= found
+            remembered |= found
         return known
 
     def announce(
@@ -393,23 +528,59 @@ class TrackerStore:
         Replace a node's record and its holdings, atomically.
 
         Contents the tracker has no manifest for are not stored; fire with
-        their ids, in the order given.
+        their ids, in the order given.  Fires once the transaction holding
+        this announce (and those queued with it) has committed.
         """
-        wanted = list(dict.fromkeys(contents))
-        state_text = json.dumps(state, sort_keys=True, allow_nan=False)
+        item = _Announce(
+            node_id,
+            address,
+            json.dumps(state, sort_keys=True, allow_nan=False),
+            last_seen,
+            tuple(dict.fromkeys(contents)),
+            rank_columns(state),
+        )
+        return self.announces.submit(item)
 
-        def run(txn: Cursor) -> list[str]:
-            self._begin(txn)
-            known = self._known(txn, wanted)
-            txn.execute(self._q(_SQL.upsert_node), (node_id, address, state_text, last_seen))
-            txn.execute(self._q(_SQL.delete_holdings), (node_id,))
-            txn.executemany(
-                self._q(_SQL.insert_holding),
-                [(node_id, c) for c in wanted if c in known],
-            )
-            return [c for c in wanted if c not in known]
+    # -- load (issue 4): announces written in groups -------------------------
 
-        return self._interaction(run)
+    def _write_announces(self, items: Sequence[_Announce]) -> Deferred[list[list[str] | BaseException]]:
+        return self._interaction(self._announce_group, items)
+
+    def _announce_group(self, txn: Cursor, items: Sequence[_Announce]) -> list[list[str] | BaseException]:
+        """
+        Write C{items} in one transaction, as if one after the other.
+
+        The last announce of a node decides its row and holdings, as it
+        would written alone after the others.  Rows are written in node id
+        order (see the module docstring), and only holdings that change.
+        """
+        self._begin(txn)
+        known = self._known(txn, {c for a in items for c in a.contents})
+        last = {a.node_id: a for a in items}
+        order = sorted(last)
+        self._many(
+            txn,
+            _SQL.upsert_nodes,
+            _SQL.upsert_node_row,
+            [(a.node_id, a.address, a.state_text, a.last_seen, *a.rank) for a in (last[n] for n in order)],
+        )
+        held: dict[str, set[str]] = {}
+        for i in range(0, len(order), _IN_CHUNK):
+            chunk = order[i : i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            txn.execute(self._q(_SQL.holdings_of.format(marks=marks)), tuple(chunk))
+            for node_id, content_id in txn.fetchall():
+                held.setdefault(str(node_id), set()).add(str(content_id))
+        dropped: list[tuple[str, str]] = []
+        added: list[tuple[str, str]] = []
+        for node_id in order:
+            want = [c for c in last[node_id].contents if c in known]
+            have = held.get(node_id, set())
+            dropped.extend((node_id, c) for c in sorted(have.difference(want)))
+            added.extend((node_id, c) for c in want if c not in have)
+        self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped)
+        self._many(txn, _SQL.insert_holdings, "(?, ?)", added)
+        return [[c for c in a.contents if c not in known] for a in items]
 
     def leave(self, node_id: str) -> Deferred[bool]:
         """Forget a node and its holdings; fire with whether it was known."""
@@ -423,21 +594,33 @@ class TrackerStore:
 
         return self._interaction(run)
 
-    def nodes_for(self, content_id: str, seen_since: float) -> Deferred[list[NodeRecord] | None]:
+    def nodes_for(
+        self,
+        content_id: str,
+        seen_since: float,
+        limit: int | None = None,
+        exclude: Collection[str] = frozenset(),
+    ) -> Deferred[list[NodeRecord] | None]:
         """
         The nodes holding C{content_id} heard from at or after C{seen_since},
-        unordered; None if the content is unknown.
+        best first (L{meshstream.tracker.ranking}'s order), leaving out the
+        ids in C{exclude}, at most C{limit} of them (all when None); None
+        if the content is unknown.
         """
+        fetch = _NO_LIMIT if limit is None else limit + len(exclude)
 
         def run(txn: Cursor) -> list[NodeRecord] | None:
-            txn.execute(self._q(_SQL.has_manifest), (content_id,))
-            if txn.fetchone() is None:
+            if not self._known(txn, (content_id,)):
                 return None
-            txn.execute(self._q(_SQL.nodes_for_content), (content_id, seen_since))
-            return [
+            if self._dialect.node_list_hint is not None:
+                txn.execute(self._dialect.node_list_hint)
+            txn.execute(self._q(_SQL.nodes_for_content), (content_id, seen_since, fetch))
+            records = [
                 NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen))
                 for node_id, address, state, last_seen in txn.fetchall()
+                if node_id not in exclude
             ]
+            return records if limit is None else records[:limit]
 
         return self._interaction(run)
 
@@ -465,12 +648,18 @@ class TrackerStore:
 
 
 def _sqlite_open(conn: sqlite3.Connection) -> None:
-    """Per-connection setup: WAL journal, and wait a little on a busy file."""
+    """
+    Per-connection setup: WAL journal, wait a little on a busy file, and
+    read the file through a memory map (a node list visits a thousand rows
+    spread over the file: through a map, without copying each page into
+    SQLite's own small cache, it takes about half the time).
+    """
     cursor = conn.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=5000")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_SIZE}")
     finally:
         cursor.close()
 
