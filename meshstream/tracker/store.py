@@ -9,7 +9,8 @@ while an announce transaction runs are written together in the next one
 Two backends, same schema and migrations:
 
   - SQLite (C{sqlite:PATH}, the embedded default): WAL journal, one
-    connection;
+    connection that writes and one that only reads (node lists, manifests:
+    WAL lets them read while the other writes);
   - PostgreSQL (C{postgresql://...} or C{postgres://...}, through psycopg 3):
     a few connections; several tracker processes may share one database.
 
@@ -339,6 +340,9 @@ class TrackerStore:
     Call L{start} once (it runs the migrations); calls made before the
     migrations finish wait for them.  L{close} stops the pool.
 
+    @param pool: runs every transaction that writes (and the reads, without
+        C{read_pool}).
+    @param read_pool: runs the read-only queries, if given.
     @param announce_writers: announce transactions in flight at once (see
         L{GroupCommit}); with more than one, concurrent announces of one node
         may commit in either order.
@@ -346,8 +350,15 @@ class TrackerStore:
 
     log = Logger()
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: Dialect, announce_writers: int = 1) -> None:
+    def __init__(
+        self,
+        pool: adbapi.ConnectionPool,
+        dialect: Dialect,
+        announce_writers: int = 1,
+        read_pool: adbapi.ConnectionPool | None = None,
+    ) -> None:
         self._pool = pool
+        self._read_pool = read_pool
         self._dialect = dialect
         self._ready = False
         self._failed: Failure | None = None
@@ -401,6 +412,12 @@ class TrackerStore:
     def _interaction(self, fn: Callable[..., T], *args: object) -> Deferred[T]:
         d = self._when_ready()
         return d.addCallback(lambda _: self._pool.runInteraction(fn, *args))
+
+    def _read(self, fn: Callable[..., T], *args: object) -> Deferred[T]:
+        """Like L{_interaction}, on the read pool if there is one (C{fn} must not write)."""
+        pool = self._read_pool or self._pool
+        d = self._when_ready()
+        return d.addCallback(lambda _: pool.runInteraction(fn, *args))
 
     def _release(self, failure: Failure | None) -> None:
         waiting, self._waiting = self._waiting, []
@@ -461,6 +478,8 @@ class TrackerStore:
             )
         self._release(Failure(StoreError("the store is closed")))
         self._pool.close()
+        if self._read_pool is not None:
+            self._read_pool.close()
 
     # -- queries -----------------------------------------------------------
 
@@ -470,7 +489,7 @@ class TrackerStore:
             row = txn.fetchone()
             return int(row[0]) if row and row[0] is not None else 0
 
-        return self._interaction(run)
+        return self._read(run)
 
     def add_manifest(self, content_id: str, text: str, created: float) -> Deferred[tuple[bool, str]]:
         """
@@ -495,7 +514,7 @@ class TrackerStore:
             row = txn.fetchone()
             return None if row is None else str(row[0])
 
-        return self._interaction(run)
+        return self._read(run)
 
     def _known(self, txn: Cursor, content_ids: Iterable[str]) -> set[str]:
         """Which of C{content_ids} have a manifest (asking only about ids not known yet)."""
@@ -622,7 +641,7 @@ class TrackerStore:
             ]
             return records if limit is None else records[:limit]
 
-        return self._interaction(run)
+        return self._read(run)
 
     def purge(self, seen_before: float) -> Deferred[int]:
         """Remove the nodes last heard from before C{seen_before}; fire with how many."""
@@ -644,7 +663,7 @@ class TrackerStore:
             txn.execute(self._q(_SQL.count_nodes))
             return int(txn.fetchone()[0])
 
-        return self._interaction(run)
+        return self._read(run)
 
 
 def _sqlite_open(conn: sqlite3.Connection) -> None:
@@ -656,8 +675,8 @@ def _sqlite_open(conn: sqlite3.Connection) -> None:
     """
     cursor = conn.cursor()
     try:
+        cursor.execute("PRAGMA busy_timeout=5000")  # first: the other connection may be migrating
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_SIZE}")
     finally:
@@ -683,14 +702,17 @@ def open_store(url: str, reactor: IReactorCore) -> TrackerStore:
             cp_noisy=False,
         )
         return TrackerStore(pg_pool, POSTGRESQL)
-    pool = adbapi.ConnectionPool(
-        "sqlite3",
-        parsed.path,
-        check_same_thread=False,
-        cp_min=1,
-        cp_max=1,
-        cp_openfun=_sqlite_open,
-        cp_reactor=reactor,
-        cp_noisy=False,
+    pool, read_pool = (
+        adbapi.ConnectionPool(
+            "sqlite3",
+            parsed.path,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_sqlite_open,
+            cp_reactor=reactor,
+            cp_noisy=False,
+        )
+        for _ in range(2)
     )
-    return TrackerStore(pool, SQLITE)
+    return TrackerStore(pool, SQLITE, read_pool=read_pool)
