@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import threading
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -178,6 +179,20 @@ class _StoreMixin:
         self.assertEqual(await store.nodes_for(UNKNOWN, 0.0), [])
         self.assertEqual(await store.announce("n1", "10.0.0.1:1", {}, START, [a, UNKNOWN]), [])
         self.assertEqual([r.node_id for r in await store.nodes_for(UNKNOWN, 0.0) or []], ["n1"])
+
+    async def test_reads_do_not_wait_for_writes(self) -> None:
+        """A node list is answered while a write transaction holds the writing connection."""
+        store = await self.open()
+        (a,) = await self.manifests(store, 1)
+        await store.announce("n1", "10.0.0.1:1", {}, START, [a])
+        gate = threading.Event()
+        busy = store._pool.runInteraction(lambda txn: gate.wait(10))
+        try:
+            self.assertEqual([r.node_id for r in await store.nodes_for(a, 0.0) or []], ["n1"])
+            self.assertFalse(gate.is_set())
+        finally:
+            gate.set()
+        self.assertTrue(await busy)
 
     # -- ranking ------------------------------------------------------------------
 
