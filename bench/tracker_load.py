@@ -60,6 +60,8 @@ from _loadgen import holdings, node_address, node_id, node_state
 from _pgcluster import Cluster, ClusterError, find_bin, free_port
 
 from meshstream.manifest import Manifest
+from meshstream.tracker.ranking import rank_columns
+from meshstream.tracker.store import holdings_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -196,11 +198,24 @@ def register_manifests(tracker: Tracker, n: int) -> list[str]:
     return ids
 
 
-def node_rows(n_nodes: int, now: float, seed: int) -> Iterator[tuple[str, str, str, float]]:
+def node_rows(n_nodes: int, content_ids: Sequence[str], now: float, seed: int) -> Iterator[tuple[Any, ...]]:
+    """
+    Rows of C{nodes} as the tracker's own announces would leave them: state
+    JSON, rank columns and holdings digest computed by the tracker's code.
+    """
     rng = random.Random(seed)
+    n = len(content_ids)
     for i in range(n_nodes):
-        state = json.dumps(node_state(rng), sort_keys=True)
-        yield node_id(i), node_address(i), state, now
+        state = node_state(rng)
+        held = [content_ids[c] for c in holdings(i, n)]
+        yield (
+            node_id(i),
+            node_address(i),
+            json.dumps(state, sort_keys=True),
+            now,
+            *rank_columns(state),
+            holdings_digest(held),
+        )
 
 
 def holding_rows(n_nodes: int, content_ids: Sequence[str]) -> Iterator[tuple[str, str]]:
@@ -211,7 +226,8 @@ def holding_rows(n_nodes: int, content_ids: Sequence[str]) -> Iterator[tuple[str
             yield nid, content_ids[c]
 
 
-_INSERT_NODE = "INSERT INTO nodes (node_id, address, state, last_seen) VALUES (?, ?, ?, ?)"
+NODE_COLUMNS = "node_id, address, state, last_seen, rank_free_upload, rank_connections, holdings_digest"
+_INSERT_NODE = f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_HOLDING = "INSERT INTO holdings (node_id, content_id) VALUES (?, ?)"
 
 
@@ -221,7 +237,7 @@ def fill_sqlite(path: str, n_nodes: int, content_ids: Sequence[str], now: float)
     try:
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT_NODE, node_rows(n_nodes, now, seed=7))
+        conn.executemany(_INSERT_NODE, node_rows(n_nodes, content_ids, now, seed=7))
         conn.executemany(_INSERT_HOLDING, holding_rows(n_nodes, content_ids))
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -235,8 +251,8 @@ def fill_postgres(url: str, n_nodes: int, content_ids: Sequence[str], now: float
 
     with psycopg.connect(url) as conn:
         with conn.cursor() as cur:
-            with cur.copy("COPY nodes (node_id, address, state, last_seen) FROM STDIN") as copy:
-                for row in node_rows(n_nodes, now, seed=7):
+            with cur.copy(f"COPY nodes ({NODE_COLUMNS}) FROM STDIN") as copy:
+                for row in node_rows(n_nodes, content_ids, now, seed=7):
                     copy.write_row(row)
             with cur.copy("COPY holdings (node_id, content_id) FROM STDIN") as copy:
                 for hrow in holding_rows(n_nodes, content_ids):

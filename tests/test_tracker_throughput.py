@@ -253,6 +253,13 @@ class _StoreMixin:
             for row in self.raw("SELECT node_id, rank_free_upload, rank_connections FROM nodes")
         )
         self.assertEqual(stored, {r.node_id: rank_columns(r.state) for r in records})
+        # No holdings digest yet: the next announces read the holdings.
+        await store.announce("n0", "10.0.0.0:1", {}, START + 1, [])
+        await store.announce("n1", "10.0.0.1:1", {}, START + 1, [a])
+        self.assertEqual(
+            await store.nodes_for(a, 0.0),
+            rank_nodes([NodeRecord("n1", "10.0.0.1:1", {}, START + 1), *records[2:]]),
+        )
         indexes = self.index_names()
         self.assertIn("holdings_content_node", indexes)
         self.assertNotIn("holdings_content", indexes)

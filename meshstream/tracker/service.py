@@ -154,7 +154,8 @@ def make_site(resource: Resource, reactor: Any, access_log: str = ACCESS_LOG_IN_
     The tracker's twisted.web site: bounded request bodies, an idle timeout,
     no tracebacks in answers, and no form parsing of POST bodies (the API
     reads JSON itself; twisted.web would parse every POST's Content-Type
-    with the C{email} package, a sixth of an announce's cost).
+    with the C{email} package, a sixth of an announce's cost; the option
+    is Twisted 25.5's).
 
     @param access_log: L{ACCESS_LOG_IN_LOG} (one line per request in the
         tracker's log), L{NO_ACCESS_LOG}, or a file to append the lines to

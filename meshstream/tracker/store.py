@@ -36,6 +36,8 @@ leaves and purges from several trackers lock rows in one order.
 
 An announce rewrites only what changed: the node's row, and the holdings it
 gained or dropped (usually none: a node re-announces what it announced).
+Each node row keeps a digest of its holdings set (L{holdings_digest}), so
+that holdings rows are read only for nodes whose set changed.
 Content ids known to have a manifest are remembered (manifests are never
 deleted), so announces and node lists look up only ids not seen before.
 
@@ -48,13 +50,15 @@ Schema (version 2)::
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
   nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL,
-        rank_free_upload REAL NULL, rank_connections REAL NULL)
+        rank_free_upload REAL NULL, rank_connections REAL NULL,
+        holdings_digest TEXT NULL (NULL: not known, read the holdings))
   holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id),
            index (content_id, node_id))
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -248,6 +252,7 @@ class _SQL:
         2: (
             "ALTER TABLE nodes ADD COLUMN rank_free_upload REAL",
             "ALTER TABLE nodes ADD COLUMN rank_connections REAL",
+            "ALTER TABLE nodes ADD COLUMN holdings_digest TEXT",
             "CREATE INDEX holdings_content_node ON holdings (content_id, node_id)",
             "DROP INDEX holdings_content",
             "DROP INDEX nodes_last_seen",
@@ -290,6 +295,8 @@ class _SQL:
 
     # -- load (issue 4): announces write only what changed.
     holdings_of = "SELECT node_id, content_id FROM holdings WHERE node_id IN ({marks})"
+    node_digests = "SELECT node_id, holdings_digest FROM nodes WHERE node_id IN ({marks})"
+    set_holdings_digest = "UPDATE nodes SET holdings_digest = ? WHERE node_id = ?"
     delete_holdings_rows = "DELETE FROM holdings WHERE (node_id, content_id) IN ({rows})"
     all_node_states = "SELECT node_id, state FROM nodes"
     set_rank_columns = "UPDATE nodes SET rank_free_upload = ?, rank_connections = ? WHERE node_id = ?"
@@ -311,6 +318,11 @@ class NodeRecord:
             "state": self.state,
             "last_seen": self.last_seen,
         }
+
+
+def holdings_digest(content_ids: Iterable[str]) -> str:
+    """What a node row keeps of the set of contents its holdings rows hold."""
+    return hashlib.blake2b(",".join(sorted(content_ids)).encode("ascii"), digest_size=16).hexdigest()
 
 
 def _decode_state(text: str) -> dict[str, Any]:
@@ -526,11 +538,8 @@ class TrackerStore:
                 known.add(c)
             else:
                 ask.append(c)
-        for i in range(0, len(ask), _IN_CHUNK):
-            chunk = ask[i : i + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            txn.execute(self._q(_SQL.known_manifests.format(marks=marks)), tuple(chunk))
-            found = {str(row[0]) for row in txn.fetchall()}
+        if ask:
+            found = {str(row[0]) for row in self._select_in(txn, _SQL.known_manifests, ask)}
             known |= found
             remembered |= found
         return known
@@ -583,23 +592,36 @@ class TrackerStore:
             _SQL.upsert_node_row,
             [(a.node_id, a.address, a.state_text, a.last_seen, *a.rank) for a in (last[n] for n in order)],
         )
-        held: dict[str, set[str]] = {}
-        for i in range(0, len(order), _IN_CHUNK):
-            chunk = order[i : i + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            txn.execute(self._q(_SQL.holdings_of.format(marks=marks)), tuple(chunk))
-            for node_id, content_id in txn.fetchall():
+        # Holdings are read and written only for nodes whose set changed:
+        # each node row keeps a digest of the set its holdings rows hold.
+        want = {n: [c for c in last[n].contents if c in known] for n in order}
+        digest = {n: holdings_digest(want[n]) for n in order}
+        stored = dict(self._select_in(txn, _SQL.node_digests, order))
+        stale = [n for n in order if stored.get(n) != digest[n]]
+        if stale:
+            held: dict[str, set[str]] = {}
+            for node_id, content_id in self._select_in(txn, _SQL.holdings_of, stale):
                 held.setdefault(str(node_id), set()).add(str(content_id))
-        dropped: list[tuple[str, str]] = []
-        added: list[tuple[str, str]] = []
-        for node_id in order:
-            want = [c for c in last[node_id].contents if c in known]
-            have = held.get(node_id, set())
-            dropped.extend((node_id, c) for c in sorted(have.difference(want)))
-            added.extend((node_id, c) for c in want if c not in have)
-        self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped)
-        self._many(txn, _SQL.insert_holdings, "(?, ?)", added)
+            dropped: list[tuple[str, str]] = []
+            added: list[tuple[str, str]] = []
+            for node_id in stale:
+                have = held.get(node_id, set())
+                dropped.extend((node_id, c) for c in sorted(have.difference(want[node_id])))
+                added.extend((node_id, c) for c in want[node_id] if c not in have)
+            self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped)
+            self._many(txn, _SQL.insert_holdings, "(?, ?)", added)
+            txn.executemany(self._q(_SQL.set_holdings_digest), [(digest[n], n) for n in stale])
         return [[c for c in a.contents if c not in known] for a in items]
+
+    def _select_in(self, txn: Cursor, template: str, values: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Rows of C{template} with its C{{marks}} standing for C{values} (in chunks)."""
+        rows: list[tuple[Any, ...]] = []
+        for i in range(0, len(values), _IN_CHUNK):
+            chunk = values[i : i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            txn.execute(self._q(template.format(marks=marks)), tuple(chunk))
+            rows.extend(txn.fetchall())
+        return rows
 
     def leave(self, node_id: str) -> Deferred[bool]:
         """Forget a node and its holdings; fire with whether it was known."""
