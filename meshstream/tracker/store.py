@@ -9,7 +9,7 @@ while an announce transaction runs are written together in the next one
 Two backends, same schema and migrations:
 
   - SQLite (C{sqlite:PATH}, the embedded default): WAL journal, one
-    connection that writes and one that only reads (node lists, manifests:
+    connection that writes and two that only read (node lists, manifests:
     WAL lets them read while the other writes);
   - PostgreSQL (C{postgresql://...} or C{postgres://...}, through psycopg 3):
     a few connections; several tracker processes may share one database.
@@ -90,6 +90,11 @@ _IN_CHUNK = 500
 # one in flight on PostgreSQL made smaller groups and cost more CPU per
 # announce, for no more throughput).
 ANNOUNCE_GROUP = 256
+
+# Connections (and threads) reading an SQLite file, beside the one writing:
+# a node list spends most of its time in SQLite's C code, which runs
+# outside the GIL, so two of them use a second core.
+SQLITE_READERS = 2
 
 # Bytes of an SQLite file read through a memory map (SQLite caps it at 2 GiB).
 SQLITE_MMAP_SIZE = 1 << 30
@@ -730,11 +735,11 @@ def open_store(url: str, reactor: IReactorCore) -> TrackerStore:
             parsed.path,
             check_same_thread=False,
             cp_min=1,
-            cp_max=1,
+            cp_max=size,
             cp_openfun=_sqlite_open,
             cp_reactor=reactor,
             cp_noisy=False,
         )
-        for _ in range(2)
+        for size in (1, SQLITE_READERS)
     )
     return TrackerStore(pool, SQLITE, read_pool=read_pool)
