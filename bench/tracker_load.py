@@ -81,16 +81,19 @@ PHASES = ("health", "announce", "nodes", "lookup", "mixed")
 # -- the tracker process ---------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
+def child_env(root: str = ROOT) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
 
 
 class Tracker:
     """C{twistd -n meshstream-tracker} in a subprocess, listening on 127.0.0.1."""
 
-    def __init__(self, workdir: str, label: str, db_url: str, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, workdir: str, label: str, db_url: str, extra: Sequence[str] = (), root: str = ROOT
+    ) -> None:
+        self.root = root
         self.port = free_port()
         self.log = os.path.join(workdir, f"tracker-{label}.log")
         self.key = os.path.join(workdir, "tracker.key")
@@ -116,7 +119,9 @@ class Tracker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=child_env(), stdin=subprocess.DEVNULL, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            self.cmd, env=child_env(self.root), stdin=subprocess.DEVNULL, cwd=self.root
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -230,8 +235,26 @@ def holding_rows(n_nodes: int, content_ids: Sequence[str]) -> Iterator[tuple[str
             yield nid, content_ids[c]
 
 
-NODE_COLUMNS = "node_id, address, state, last_seen, rank_free_upload, rank_connections, holdings_digest"
-_INSERT_NODE = f"INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+NODE_COLUMNS = (
+    "node_id",
+    "address",
+    "state",
+    "last_seen",
+    "rank_free_upload",
+    "rank_connections",
+    "holdings_digest",
+)
+
+
+def present(rows: Iterator[tuple[Any, ...]], have: set[str]) -> tuple[list[str], Iterator[tuple[Any, ...]]]:
+    """
+    The columns of L{NODE_COLUMNS} the schema has, and C{rows} cut to them
+    (so that an older tracker, C{--tracker-root}, can be filled too).
+    """
+    keep = [i for i, c in enumerate(NODE_COLUMNS) if c in have]
+    return [NODE_COLUMNS[i] for i in keep], (tuple(row[i] for i in keep) for row in rows)
+
+
 _INSERT_HOLDING = "INSERT INTO holdings (node_id, content_id) VALUES (?, ?)"
 
 
@@ -240,8 +263,11 @@ def fill_sqlite(path: str, n_nodes: int, content_ids: Sequence[str], now: float)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout=30000")
+        have = {str(r[1]) for r in conn.execute("PRAGMA table_info(nodes)")}
+        columns, rows = present(node_rows(n_nodes, content_ids, now, seed=7), have)
+        marks = ", ".join("?" * len(columns))
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT_NODE, node_rows(n_nodes, content_ids, now, seed=7))
+        conn.executemany(f"INSERT INTO nodes ({', '.join(columns)}) VALUES ({marks})", rows)
         conn.executemany(_INSERT_HOLDING, holding_rows(n_nodes, content_ids))
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -255,8 +281,15 @@ def fill_postgres(url: str, n_nodes: int, content_ids: Sequence[str], now: float
 
     with psycopg.connect(url) as conn:
         with conn.cursor() as cur:
-            with cur.copy(f"COPY nodes ({NODE_COLUMNS}) FROM STDIN") as copy:
-                for row in node_rows(n_nodes, content_ids, now, seed=7):
+            cur.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_name = 'nodes' AND table_schema = current_schema()"
+            )
+            columns, rows = present(
+                node_rows(n_nodes, content_ids, now, seed=7), {str(r[0]) for r in cur.fetchall()}
+            )
+            with cur.copy(f"COPY nodes ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
                     copy.write_row(row)
             with cur.copy("COPY holdings (node_id, content_id) FROM STDIN") as copy:
                 for hrow in holding_rows(n_nodes, content_ids):
@@ -437,6 +470,7 @@ def run_phase(
 ) -> PhaseResult:
     workloads = phase_workloads(name, args)
     duration = args.health_duration if name == "health" else args.duration
+    slug = store.replace(" ", "-")
     procs: list[subprocess.Popen[bytes]] = []
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -447,13 +481,13 @@ def run_phase(
                 "warmup": args.warmup,
                 "duration": duration,
                 "token": dataset["token"],
-                "seed": zlib.crc32(f"{store}/{name}/{p}".encode()),
+                "seed": zlib.crc32(f"{store.split()[0]}/{name}/{p}".encode()),  # the same for a baseline
                 "nodes": dataset["nodes"],
                 "contents": dataset["contents"],
-                "out": os.path.join(workdir, f"lat-{store}-{name}-{p}"),
+                "out": os.path.join(workdir, f"lat-{slug}-{name}-{p}"),
                 "workloads": mine,
             }
-            spec_path = os.path.join(workdir, f"spec-{store}-{name}-{p}.json")
+            spec_path = os.path.join(workdir, f"spec-{slug}-{name}-{p}.json")
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
             procs.append(
@@ -464,7 +498,7 @@ def run_phase(
                 )
             )
         if args.py_spy and name in ("announce", "nodes", "mixed"):
-            spy_out = os.path.join(args.py_spy, f"{store}-{name}.txt")
+            spy_out = os.path.join(args.py_spy, f"{slug}-{name}.txt")
             spy = subprocess.Popen(
                 [
                     py_spy_path(),
@@ -566,12 +600,17 @@ def run_phase(
 
 @dataclass
 class StoreRun:
-    store: str
+    store: str  # the engine
+    baseline: bool = False  # the --baseline tracker, not this checkout's
     skipped: str | None = None
     error: str | None = None
     register_seconds: float | None = None
     fill_seconds: float | None = None
     phases: list[PhaseResult] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.store} base" if self.baseline else self.store
 
     def op(self, phase: str, op: str) -> OpResult | None:
         for p in self.phases:
@@ -595,13 +634,19 @@ def say(text: str) -> None:
     print(f"# {text}", file=sys.stderr, flush=True)
 
 
-def run_store(store: str, args: argparse.Namespace, workdir: str) -> StoreRun:
-    run = StoreRun(store)
+def run_store(store: str, args: argparse.Namespace, workdir: str, baseline: str | None = None) -> StoreRun:
+    """
+    One store's run: this checkout's tracker, or with C{baseline} (a source
+    tree) that tracker, as it runs by default (no C{--access-log}: a
+    baseline may not know the option).
+    """
+    run = StoreRun(store, baseline is not None)
+    label = run.name
     cluster: Cluster | None = None
     tracker: Tracker | None = None
     try:
         if store == "sqlite":
-            db_url = f"sqlite:{os.path.join(workdir, 'tracker.sqlite')}"
+            db_url = f"sqlite:{os.path.join(workdir, label.replace(' ', '-') + '.sqlite')}"
         else:
             bin_dir = find_bin(args.pg_bin)
             if bin_dir is None:
@@ -614,14 +659,17 @@ def run_store(store: str, args: argparse.Namespace, workdir: str) -> StoreRun:
             cluster = Cluster(bin_dir)  # in /tmp: the postgres user cannot enter workdir
             cluster.start()
             db_url = cluster.url
-        access = ["--access-log", "none"] if args.access_log == "none" else []
-        tracker = Tracker(workdir, store, db_url, [*access, *args.tracker_arg])
-        say(f"{store}: starting the tracker on 127.0.0.1:{tracker.port}")
+        access = ["--access-log", "none"] if args.access_log == "none" and baseline is None else []
+        extra = [*access, *args.tracker_arg]
+        tracker = Tracker(
+            workdir, label.replace(" ", "-"), db_url, extra, baseline or args.tracker_root or ROOT
+        )
+        say(f"{label}: starting the tracker on 127.0.0.1:{tracker.port}")
         tracker.start()
         t0 = time.monotonic()
         contents = register_manifests(tracker, args.contents)
         run.register_seconds = time.monotonic() - t0
-        say(f"{store}: {len(contents)} manifests registered over HTTP in {run.register_seconds:.1f} s")
+        say(f"{label}: {len(contents)} manifests registered over HTTP in {run.register_seconds:.1f} s")
         t0 = time.monotonic()
         now = time.time()
         if store == "sqlite":
@@ -630,14 +678,14 @@ def run_store(store: str, args: argparse.Namespace, workdir: str) -> StoreRun:
             fill_postgres(db_url, args.nodes, contents, now)
         run.fill_seconds = time.monotonic() - t0
         say(
-            f"{store}: filled {args.nodes} nodes x 10 contents"
+            f"{label}: filled {args.nodes} nodes x 10 contents"
             f" ({args.nodes * 10} holdings) in {run.fill_seconds:.1f} s"
         )
         dataset = {"nodes": args.nodes, "contents": contents, "token": obtain_token(tracker, args)}
         db_pids = tree_pids(cluster.postmaster_pid()) if cluster is not None else []
         for name in args.phase or PHASES:
-            say(f"{store}: phase {name}")
-            res = run_phase(store, name, tracker, db_pids, dataset, args, workdir)
+            say(f"{label}: phase {name}")
+            res = run_phase(label, name, tracker, db_pids, dataset, args, workdir)
             run.phases.append(res)
             for line in table([res]).splitlines()[2:]:
                 say(f"  {line}")
@@ -645,7 +693,7 @@ def run_store(store: str, args: argparse.Namespace, workdir: str) -> StoreRun:
                 say(f"  error: {res.error}")
     except (ClusterError, RuntimeError, OSError, subprocess.SubprocessError) as e:
         run.error = f"{type(e).__name__}: {e}"
-        say(f"{store}: {run.error}")
+        say(f"{label}: {run.error}")
     finally:
         if tracker is not None:
             tracker.stop()
@@ -676,7 +724,15 @@ def goal_ratio(o: OpResult) -> tuple[str, bool | None]:
     return "-", None
 
 
-def table(phases: list[PhaseResult], health: dict[str, float] | None = None) -> str:
+def table(
+    phases: list[PhaseResult],
+    health: dict[str, float] | None = None,
+    base: dict[tuple[str, str, str], OpResult] | None = None,
+) -> str:
+    """
+    The results table.  C{health}: store name -> its health req/s;
+    C{base}: (store, phase, op) of this checkout's runs -> the baseline's result.
+    """
     head = [
         "store",
         "phase",
@@ -694,6 +750,7 @@ def table(phases: list[PhaseResult], health: dict[str, float] | None = None) -> 
         "cpu other",
         "vs goal",
         "vs HTTP",
+        "vs base",
     ]
     rows = [head]
     for p in phases:
@@ -701,6 +758,12 @@ def table(phases: list[PhaseResult], health: dict[str, float] | None = None) -> 
             errors = sum(o.errors.values()) + o.bad_bodies + o.overflow
             ceiling = (health or {}).get(p.store)
             vs_http = f"{o.rps / ceiling:.2f}" if ceiling and o.closed and o.op != "health" else "-"
+            b = (base or {}).get((p.store, p.phase, o.op))
+            vs_base = "-"
+            if b is not None and o.closed and b.rps:
+                vs_base = f"{o.rps / b.rps:.2f}"
+            elif b is not None and not o.closed and b.p99_ms and o.p99_ms:
+                vs_base = f"{b.p99_ms / o.p99_ms:.2f}"
             rows.append(
                 [
                     p.store,
@@ -719,6 +782,7 @@ def table(phases: list[PhaseResult], health: dict[str, float] | None = None) -> 
                     pct(p.cpu_other),
                     goal_ratio(o)[0],
                     vs_http,
+                    vs_base,
                 ]
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -736,7 +800,18 @@ def health_rps(runs: list[StoreRun]) -> dict[str, float]:
     for r in runs:
         h = r.op("health", "health")
         if h is not None and h.rps:
-            out[r.store] = h.rps
+            out[r.name] = h.rps
+    return out
+
+
+def baseline_ops(runs: list[StoreRun]) -> dict[tuple[str, str, str], OpResult]:
+    """(store, phase, op) of this checkout's runs -> the baseline's result for it."""
+    out = {}
+    for r in runs:
+        if r.baseline:
+            for p in r.phases:
+                for o in p.ops:
+                    out[(r.store, p.phase, o.op)] = o
     return out
 
 
@@ -749,18 +824,18 @@ GOAL_ROWS = (
 
 def goals_table(runs: list[StoreRun]) -> str:
     width = max(len(label) for _, _, label in GOAL_ROWS) + 2
-    lines = ["goal".ljust(width) + "".join(f"{r.store:>14}" for r in runs)]
+    lines = ["goal".ljust(width) + "".join(f"{r.name:>17}" for r in runs)]
     for phase, op, label in GOAL_ROWS:
         cells = [label.ljust(width)]
         for r in runs:
             o = r.op(phase, op)
             value = None if o is None else (o.rps if phase == "announce" else o.p99_ms)
             if o is None or value is None:
-                cells.append(f"{'-':>14}")
+                cells.append(f"{'-':>17}")
             else:
                 cells.append(
                     f"{f'{value:.0f}' if phase == 'announce' else f'{value:.2f}'} {'ok' if goal_ratio(o)[1] else 'NO':>2}".rjust(
-                        14
+                        17
                     )
                 )
         lines.append("".join(cells))
@@ -770,11 +845,11 @@ def goals_table(runs: list[StoreRun]) -> str:
 def summary(runs: list[StoreRun], args: argparse.Namespace, wall: float) -> dict[str, Any]:
     met: dict[str, dict[str, bool | None]] = {}
     for r in runs:
-        met[r.store] = {}
+        met[r.name] = {}
         for phase, op, _ in GOAL_ROWS:
             o = r.op(phase, op)
             key = "announce_rps" if phase == "announce" else f"nodes_p99_ms_{phase}"
-            met[r.store][key] = None if o is None else goal_ratio(o)[1]
+            met[r.name][key] = None if o is None else goal_ratio(o)[1]
     return {
         "benchmark": "tracker_load",
         "wall_seconds": round(wall, 1),
@@ -792,9 +867,11 @@ def summary(runs: list[StoreRun], args: argparse.Namespace, wall: float) -> dict
             "loadgen_procs": args.loadgen_procs,
             "access_log": args.access_log,
             "tracker_args": args.tracker_arg,
+            "tracker_root": args.tracker_root,
+            "baseline": args.baseline,
             "cpus": psutil.cpu_count(),
         },
-        "stores": {r.store: r.to_json() for r in runs},
+        "stores": {r.name: r.to_json() for r in runs},
     }
 
 
@@ -841,6 +918,17 @@ def parser() -> argparse.ArgumentParser:
         "--tracker-arg", action="append", default=[], help="extra argument for the tracker (repeatable)"
     )
     p.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the tracker of git REF (e.g. the commit before the optimisations), each store"
+        " just before this checkout's; adds the vs base column",
+    )
+    p.add_argument(
+        "--tracker-root",
+        metavar="DIR",
+        help="run the tracker from this source tree (e.g. a baseline commit's `git archive`), not this checkout",
+    )
+    p.add_argument(
         "--pg-bin", help="directory of initdb and pg_ctl (default: newest /usr/lib/postgresql/*/bin)"
     )
     p.add_argument("--py-spy", metavar="DIR", help="record py-spy profiles (raw) of the tracker into DIR")
@@ -848,6 +936,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where the databases and logs go (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     return p
+
+
+def export_baseline(ref: str, workdir: str) -> str:
+    """C{git archive REF} of this repository, unpacked into C{workdir}; its path."""
+    into = os.path.join(workdir, "baseline-src")
+    os.makedirs(into)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(
+            f"--baseline {ref}: git archive failed: {archive.stderr.decode(errors='replace').strip()}"
+        )
+    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
+    say(f"baseline: {ref} unpacked in {into}")
+    return into
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -862,7 +964,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="meshstream-load-", dir=args.workdir)
     runs: list[StoreRun] = []
     try:
+        baseline = export_baseline(args.baseline, workdir) if args.baseline else None
         for store in args.store or STORES:
+            if baseline is not None:
+                runs.append(run_store(store, args, workdir, baseline))
             runs.append(run_store(store, args, workdir))
     finally:
         if args.keep:
@@ -870,14 +975,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     phases = [p for r in runs for p in r.phases]
-    print(table(phases, health_rps(runs)))
+    print(table(phases, health_rps(runs), baseline_ops(runs)))
     print()
     print(goals_table(runs))
     for r in runs:
         if r.skipped:
-            print(f"{r.store}: skipped: {r.skipped}")
+            print(f"{r.name}: skipped: {r.skipped}")
         if r.error:
-            print(f"{r.store}: error: {r.error}")
+            print(f"{r.name}: error: {r.error}")
     print(json.dumps(summary(runs, args, time.monotonic() - start)))
     failed = any(r.error for r in runs) or any(p.error for p in phases)
     return 1 if failed else 0
