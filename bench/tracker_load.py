@@ -833,11 +833,9 @@ def goals_table(runs: list[StoreRun]) -> str:
             if o is None or value is None:
                 cells.append(f"{'-':>17}")
             else:
-                cells.append(
-                    f"{f'{value:.0f}' if phase == 'announce' else f'{value:.2f}'} {'ok' if goal_ratio(o)[1] else 'NO':>2}".rjust(
-                        17
-                    )
-                )
+                text = f"{value:.0f}" if phase == "announce" else f"{value:.2f}"
+                verdict = "ok" if goal_ratio(o)[1] else "NO"
+                cells.append(f"{text} {verdict}".rjust(17))
         lines.append("".join(cells))
     return "\n".join(lines)
 
