@@ -24,6 +24,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IAddress,
     IListeningPort,
     IProtocolFactory,
     IReactorTime,
@@ -118,8 +119,30 @@ class _RecordingEndpoint:
         return d
 
 
+class _AddressCachingWrapper(ProtocolWrapper):
+    """
+    Asks the socket for its addresses once per connection: twisted.web asks
+    for both at every request (for the local one, a C{getsockname} call).
+    """
+
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+
 class _ConnectionTracker(WrappingFactory):
     """Keeps the open connections, so that stopping can drop them all."""
+
+    protocol = _AddressCachingWrapper
 
     def __init__(self, wrappedFactory: IProtocolFactory) -> None:
         super().__init__(wrappedFactory)
