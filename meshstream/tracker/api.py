@@ -104,10 +104,14 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every body (json.loads with an argument builds one per call).
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_json(body: bytes) -> object:
     """Decode a JSON request body; raise L{ApiError} C{bad_json}."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return _JSON_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {e}") from None
 
@@ -422,23 +426,27 @@ def find_route(method: bytes, path: Sequence[str]) -> tuple[Route, list[str]]:
 
 def read_body(request: Request, limit: int) -> bytes:
     """Return the request body, or raise 413 if it is (or claims to be) over C{limit}."""
-    too_large = ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
+
+    def too_large() -> ApiError:
+        return ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
+
     if getattr(request, "body_too_large", False):
-        raise too_large
+        raise too_large()
     length = request.getHeader("content-length")
     if length is not None:
         try:
-            if int(length) > limit:
-                raise too_large
+            declared = int(length)
         except ValueError:
             raise bad_request("invalid Content-Length") from None
+        if declared > limit:
+            raise too_large()
     content = request.content
     if content is None:
         return b""
     content.seek(0)
     body: bytes = content.read(limit + 1)
     if len(body) > limit:
-        raise too_large
+        raise too_large()
     return body
 
 
