@@ -104,8 +104,10 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# One decoder for every body (json.loads with an argument builds one per call).
+# One decoder for every body and one encoder for every answer (json.loads
+# and json.dumps given an argument build one per call).
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def parse_json(body: bytes) -> object:
@@ -542,7 +544,7 @@ class TrackerResource(Resource):
         if finished[0]:
             return
         status, headers, body = answer
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        data = _JSON_ENCODER.encode(body).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

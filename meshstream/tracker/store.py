@@ -325,6 +325,10 @@ class NodeRecord:
         }
 
 
+# How node states are stored (json.dumps given arguments builds one per call).
+_STATE_JSON = json.JSONEncoder(sort_keys=True, allow_nan=False)
+
+
 def holdings_digest(content_ids: Iterable[str]) -> str:
     """What a node row keeps of the set of contents its holdings rows hold."""
     return hashlib.blake2b(",".join(sorted(content_ids)).encode("ascii"), digest_size=16).hexdigest()
@@ -567,7 +571,7 @@ class TrackerStore:
         item = _Announce(
             node_id,
             address,
-            json.dumps(state, sort_keys=True, allow_nan=False),
+            _STATE_JSON.encode(state),
             last_seen,
             tuple(dict.fromkeys(contents)),
             rank_columns(state),
