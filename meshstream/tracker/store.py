@@ -22,8 +22,9 @@ How they differ is kept in two places:
   - L{Dialect.sql} rewrites placeholders for a driver's paramstyle (C{qmark}
     for sqlite3, C{format} for psycopg) and column types (C{REAL} is a 4-byte
     float in PostgreSQL, so it becomes C{DOUBLE PRECISION}); the
-    L{Dialect} also says how a transaction begins and how the migration is
-    serialised between processes (C{pg_advisory_xact_lock}).  It also spells
+    L{Dialect} also says how a transaction begins, how the migration is
+    serialised between processes (C{pg_advisory_xact_lock}) and what a
+    node-list transaction tells PostgreSQL's planner first.  It also spells
     the byte-order collation (C{COLLATE BINARY} is C{COLLATE "C"} there),
     so that node ids sort as Python sorts them whatever the database's
     locale.
@@ -31,8 +32,13 @@ How they differ is kept in two places:
 L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 
 Write transactions touch C{nodes} before C{holdings}, and a group of
-announces touches its nodes in node id order, so that concurrent announces,
-leaves and purges from several trackers lock rows in one order.
+announces touches its nodes in node id order, so that concurrent announces
+and leaves from several trackers lock rows in one order.  A purge deletes
+expired nodes in the order it finds them; should it deadlock with a group
+of announces on PostgreSQL, the group's announces are written again one by
+one (see L{GroupCommit}).  Nothing indexes C{nodes.last_seen}: every
+announce would rewrite an entry of it, and the purge, once an interval,
+scans the nodes instead.
 
 An announce rewrites only what changed: the node's row, and the holdings it
 gained or dropped (usually none: a node re-announces what it announced).
