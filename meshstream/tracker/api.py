@@ -55,7 +55,7 @@ from meshstream.tracker.metrics import (
     UNMATCHED,
     TrackerMetrics,
 )
-from meshstream.tracker.ranking import spread_nodes
+from meshstream.tracker.ranking import candidate_count, spread_nodes
 from meshstream.tracker.store import (
     PEER,
     SCHEMA_VERSION,
@@ -145,10 +145,16 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every body and one encoder for every answer (json.loads
+# and json.dumps given an argument build one per call).
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def parse_json(body: bytes) -> object:
     """Decode a JSON request body; raise L{ApiError} C{bad_json}."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return _JSON_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {e}") from None
 
@@ -792,10 +798,12 @@ class TrackerAPI:
         who: Principal,
     ) -> Reply:
         now = self.clock.seconds()
-        records: list[NodeRecord] | None = await self.store.nodes_for(content_id, now - self.ttl, kind)
-        if records is None:
+        # The database pre-selects the candidates (see the ranking module).
+        candidates: list[NodeRecord] | None = await self.store.nodes_for(
+            content_id, now - self.ttl, kind, candidate_count(limit), exclude
+        )
+        if candidates is None:
             raise ApiError(404, "unknown_content", f"no content {content_id}")
-        candidates = [r for r in records if r.node_id not in exclude]
         chosen = spread_nodes(candidates, self.rng, limit, now=now, horizon=self.ttl)
         body: dict[str, Any] = {"content_id": content_id, key: [r.to_dict() for r in chosen]}
         if node is not None:
@@ -1099,23 +1107,27 @@ def route_label(path: Sequence[str]) -> str:
 
 def read_body(request: Request, limit: int) -> bytes:
     """Return the request body, or raise 413 if it is (or claims to be) over C{limit}."""
-    too_large = ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
+
+    def too_large() -> ApiError:
+        return ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
+
     if getattr(request, "body_too_large", False):
-        raise too_large
+        raise too_large()
     length = request.getHeader("content-length")
     if length is not None:
         try:
-            if int(length) > limit:
-                raise too_large
+            declared = int(length)
         except ValueError:
             raise bad_request("invalid Content-Length") from None
+        if declared > limit:
+            raise too_large()
     content = request.content
     if content is None:
         return b""
     content.seek(0)
     body: bytes = content.read(limit + 1)
     if len(body) > limit:
-        raise too_large
+        raise too_large()
     return body
 
 
@@ -1324,7 +1336,7 @@ class TrackerResource(Resource):
         if isinstance(body, bytes):  # a Reply with its own content type
             data = body
         else:
-            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            data = _JSON_ENCODER.encode(body).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

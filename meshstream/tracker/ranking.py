@@ -45,6 +45,23 @@ spread: weight descending, then node id.
 Cost: one pass over the candidates, one random draw each and a partial
 sort (C{bench/ranking.py} times it: about 14 ms for 10 000 candidates on the
 project's machine, where the old deterministic sort took 11 ms).
+
+B{Candidates, pre-selected by the database.}  A popular content may have
+thousands of holders; reading, decoding and weighing them all at every
+node-list request would cost milliseconds each.  So each node row keeps
+L{rank_columns}, computed when the node announces: its weight without the
+time-dependent C{fresh} factor (C{free upload × load factor}), or, when its
+free upload is unknown, its load factor alone.  A node list asks the
+database for the L{candidate_count} heaviest holders whose free upload is
+known and the L{candidate_count} with the best load factor among the
+others (within each of the two sorts, the order does not depend on the
+median that unknown nodes get), and only those are weighed (with
+freshness) and spread as above.  Two consequences, both small: a holder
+outside its sort's best C{max(4 × limit, 64)} is never listed (it would have
+been drawn rarely: at least 4 × limit others weigh more, before freshness,
+which moves a weight by at most half), and the neutral base of unknown
+nodes is the median of the candidates', not of every holder's, free
+upload.  With no more holders than L{candidate_count}, nothing changes.
 """
 
 from __future__ import annotations
@@ -244,3 +261,26 @@ def spread_nodes(
     else:
         chosen = sorted(keys)
     return [listed[k[3]] for k in chosen]
+
+
+#: Candidates fetched per place in a node list, and the fewest fetched.
+CANDIDATES_PER_PLACE = 4
+MIN_CANDIDATES = 64
+
+
+def candidate_count(limit: int) -> int:
+    """How many candidates of each sort a node list of C{limit} nodes weighs (see the module docstring)."""
+    return max(CANDIDATES_PER_PLACE * limit, MIN_CANDIDATES)
+
+
+def rank_columns(state: Mapping[str, object]) -> tuple[float | None, float]:
+    """
+    What a node row keeps for the database's pre-selection: C{(weight
+    without freshness, or None when the free upload is unknown, load
+    factor)}.
+    """
+    free, factor = _parts(state)
+    if free is None:
+        return None, factor
+    weight = free * factor
+    return (weight if weight > 0.0 else 0.0), factor
