@@ -556,7 +556,7 @@ class _TrackerHTTPMixin:
         def broken(*args: object) -> Deferred[Any]:
             return fail(RuntimeError("disk on fire"))
 
-        self.patch(self.service.store, "nodes_for", broken)
+        self.patch(self.service.store, "candidates_for", broken)
         await self.assert_error("GET", f"/api/v1/contents/{'ab' * 32}/nodes", None, 500, "internal_error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -624,7 +624,7 @@ class PostgresTrackerHTTPTests(_TrackerHTTPMixin, unittest.TestCase):
         )
         self.assertEqual(columns["manifests.created"], "double precision")
         self.assertEqual(columns["nodes.last_seen"], "double precision")
-        self.assertEqual(columns["nodes.rank_weight"], "double precision")
+        self.assertEqual(columns["nodes.rank_free"], "double precision")
         self.assertEqual(columns["nodes.rank_load"], "double precision")
         self.assertEqual(columns["holdings.content_id"], "text")
         self.assertEqual(columns["users.quota_bytes"], "bigint")

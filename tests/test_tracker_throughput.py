@@ -11,9 +11,12 @@ C{tests/_pg.py}) a real PostgreSQL schema:
     user's node fails alone, the first of two users announcing a new node
     in one group takes it, each announce's kind is written;
   - the database pre-selects a node list's candidates by the stored rank
-    columns exactly as L{meshstream.tracker.ranking.rank_columns} orders
-    them (ties, unknown free upload, node ids that differ in case or
-    punctuation, C{exclude}, expiry, kind);
+    columns, L{meshstream.tracker.ranking.rank_columns} of their states
+    (ties, unknown free upload, node ids that differ in case or
+    punctuation, C{exclude}, expiry, kind), and weighing and drawing from
+    those columns gives what weighing and drawing from the states gives;
+  - reservation reads (one per announce answer) asked for together are
+    made in one query;
   - a schema 5 database is migrated, its rank columns computed.
 """
 
@@ -29,13 +32,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
-from meshstream.tracker.ranking import rank_columns
+from meshstream.tracker.billing import ReservationRequest
+from meshstream.tracker.ranking import rank_columns, spread_candidates, spread_nodes, weigh, weigh_columns
 from meshstream.tracker.store import (
     _SQL,
+    PEER,
     POSTGRESQL,
     SCHEMA_VERSION,
     SERVER,
     SQLITE,
+    Candidate,
     NodeOwned,
     NodeRecord,
     TrackerStore,
@@ -56,6 +62,21 @@ def by_id(records: list[NodeRecord] | None) -> list[NodeRecord]:
     """Records in node id order (the store lists candidates in no particular order)."""
     assert records is not None
     return sorted(records, key=lambda r: r.node_id)
+
+
+def best(pool: list[NodeRecord], k: int) -> list[NodeRecord]:
+    """The candidates: the k heaviest of each sort (ties by node id, in byte order), by node id."""
+    known = [r for r in pool if rank_columns(r.state)[0] is not None]
+    unknown = [r for r in pool if rank_columns(r.state)[0] is None]
+
+    def weight(r: NodeRecord) -> float:
+        free, load = rank_columns(r.state)
+        assert free is not None
+        return free * load
+
+    known.sort(key=lambda r: (-weight(r), r.node_id.encode()))
+    unknown.sort(key=lambda r: (-rank_columns(r.state)[1], r.node_id.encode()))
+    return by_id(known[:k] + unknown[:k])
 
 
 def state_from(rng: random.Random) -> dict[str, float]:
@@ -259,6 +280,42 @@ class _StoreMixin:
         self.assertEqual([r.node_id for r in by_id(await store.nodes_for(a, 0.0, SERVER))], ["p0", "s1"])
         self.assertEqual(sorted((r.node_id, n) for r, n in await store.servers(0.0)), [("p0", 1), ("s1", 1)])
 
+    async def test_reservation_reads_grouped(self) -> None:
+        """Reservation reads asked for together are one query; each gets its user's, by its time and limit."""
+        store = await self.open()
+        a, b = await self.manifests(store, 2)
+        now = int(START)
+        made = {}
+        for rid, name, content, start, end in (
+            ("r1", "alice", a, now + 100, now + 200),
+            ("r2", "alice", b, now + 10, now + 50),
+            ("r3", "alice", a, now + 300, now + 400),
+            ("r4", "bob", b, now + 20, now + 30),
+        ):
+            made[rid] = await store.add_reservation(
+                rid, name, ReservationRequest(content, start, end), START, 10
+            )
+        first = store.reservations("carol", START, 10)  # read alone, at once
+        asks = [
+            store.reservations("alice", START, 10),
+            store.reservations("alice", START, 2),
+            store.reservations("bob", START + 30, 10),  # bob's has ended by then
+            store.reservations("alice", START + 60, 10),
+            store.reservations("bob", START, 10),
+        ]
+        self.assertEqual(await first, [])
+        self.assertEqual(store._reservation_reads.groups, 2)
+        self.assertEqual(
+            await gatherResults(asks),
+            [
+                [made["r2"], made["r1"], made["r3"]],
+                [made["r2"], made["r1"]],
+                [],
+                [made["r1"], made["r3"]],
+                [made["r4"]],
+            ],
+        )
+
     # -- the candidates of a node list ------------------------------------------------
 
     async def test_candidates_by_rank_columns(self) -> None:
@@ -277,23 +334,25 @@ class _StoreMixin:
         since = START - 10
         live = [r for r in records if r.last_seen >= since]
         self.assertEqual(by_id(await store.nodes_for(a, since)), by_id(live))
-
-        def best(pool: list[NodeRecord], k: int) -> list[NodeRecord]:
-            """The candidates: the k heaviest of each sort (ties by node id, byte order)."""
-            known = [r for r in pool if rank_columns(r.state)[0] is not None]
-            unknown = [r for r in pool if rank_columns(r.state)[0] is None]
-            known.sort(key=lambda r: (-(rank_columns(r.state)[0] or 0.0), r.node_id.encode()))
-            unknown.sort(key=lambda r: (-rank_columns(r.state)[1], r.node_id.encode()))
-            return by_id(known[:k] + unknown[:k])
-
         for k in (1, 3, 7, 100):
-            self.assertEqual(by_id(await store.nodes_for(a, since, candidates=k)), best(live, k), k)
+            got = await store.candidates_for(a, since, PEER, k)
+            assert got is not None
+            self.assertEqual(by_id([c.record() for c in got]), best(live, k), k)
+            for c in got:
+                self.assertEqual(c.rank, rank_columns(c.record().state))
         ordered = best(live, 3)
         exclude = frozenset([ordered[0].node_id, ordered[1].node_id, "nobody", records[0].node_id])
-        got = by_id(await store.nodes_for(a, since, candidates=3, exclude=exclude))
-        self.assertTrue(all(r.node_id not in exclude for r in got))
+        got = await store.candidates_for(a, since, PEER, 3, exclude)
+        assert got is not None
         # Each sort fetched with as many more as exclude names, then the excluded left out.
-        self.assertEqual(got, [r for r in best(live, 3 + len(exclude)) if r.node_id not in exclude])
+        self.assertEqual(
+            by_id([c.record() for c in got]),
+            [r for r in best(live, 3 + len(exclude)) if r.node_id not in exclude],
+        )
+        servers = await store.candidates_for(a, since, SERVER, 3)
+        assert servers is not None
+        self.assertEqual([c.node_id for c in servers], ["srv"])
+        self.assertIsNone(await store.candidates_for(UNKNOWN, since, PEER, 3))
 
     # -- migration -------------------------------------------------------------------
 
@@ -325,22 +384,12 @@ class _StoreMixin:
         self.assertEqual(by_id(await store.nodes_for(a, 0.0)), by_id(records))
         stored = {
             str(row[0]): (row[1], row[2])
-            for row in self.raw("SELECT node_id, rank_weight, rank_load FROM nodes")
+            for row in self.raw("SELECT node_id, rank_free, rank_load FROM nodes")
         }
         self.assertEqual(stored, {r.node_id: rank_columns(r.state) for r in records})
-        self.assertEqual(
-            by_id(await store.nodes_for(a, 0.0, candidates=2)),
-            by_id(
-                sorted(
-                    (r for r in records if rank_columns(r.state)[0] is not None),
-                    key=lambda r: (-(rank_columns(r.state)[0] or 0.0), r.node_id),
-                )[:2]
-                + sorted(
-                    (r for r in records if rank_columns(r.state)[0] is None),
-                    key=lambda r: (-rank_columns(r.state)[1], r.node_id),
-                )[:2]
-            ),
-        )
+        got = await store.candidates_for(a, 0.0, PEER, 2)
+        assert got is not None
+        self.assertEqual(by_id([c.record() for c in got]), best(records, 2))
         # No holdings digest yet: the next announces read the holdings.
         await store.announce("n0", "10.0.0.0:1", {}, START + 1, [], owner="alice")
         await store.announce("n1", "10.0.0.1:1", {}, START + 1, [a], owner="alice")
@@ -355,6 +404,8 @@ class _StoreMixin:
         self.assertIn("holdings_content_node", indexes)
         self.assertNotIn("holdings_content", indexes)
         self.assertNotIn("nodes_last_seen", indexes)
+        self.assertIn("nodes_servers_seen", indexes)
+        self.assertNotIn("nodes_kind_seen", indexes)
 
     def index_names(self) -> set[str]:
         raise NotImplementedError
@@ -417,3 +468,36 @@ class PostgresThroughputTests(_StoreMixin, unittest.TestCase):
             str(r[0])
             for r in self.raw("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
         }
+
+
+class ColumnsRankingTests(unittest.SynchronousTestCase):
+    """Weighing and drawing from stored rank columns equals doing it from states."""
+
+    def test_same_weights_and_draw(self) -> None:
+        rng = random.Random(3)
+        for trial in range(30):
+            records = []
+            for i in range(rng.randrange(0, 40)):
+                state: dict[str, Any] = dict(state_from(rng))
+                if rng.random() < 0.3:
+                    state["memory"] = rng.choice([0.5, 0.9, 1.0, 2])
+                if rng.random() < 0.3:
+                    state["disk_io_bps"] = rng.choice([0, 10**8, 2.5e8])
+                if rng.random() < 0.3:
+                    state["upload_slots"] = rng.choice([0, 4, 8.5])
+                # The state as the store keeps it (JSON), and the columns as it stores them.
+                state = json.loads(json.dumps(state))
+                records.append(NodeRecord(f"n{i}", "10.0.0.1:1", state, START - rng.randrange(0, 200)))
+            candidates = [
+                Candidate(r.node_id, r.address, json.dumps(r.state), r.last_seen, rank_columns(r.state))
+                for r in records
+            ]
+            now, horizon = START, 90.0
+            self.assertEqual(
+                weigh_columns([c.rank for c in candidates], [c.last_seen for c in candidates], now, horizon),
+                weigh(records, now, horizon),
+            )
+            for limit in (None, 1, 5):
+                by_state = spread_nodes(records, random.Random(trial), limit, now, horizon)
+                by_columns = spread_candidates(candidates, random.Random(trial), limit, now, horizon)
+                self.assertEqual([c.record() for c in by_columns], by_state)

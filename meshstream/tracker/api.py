@@ -55,11 +55,12 @@ from meshstream.tracker.metrics import (
     UNMATCHED,
     TrackerMetrics,
 )
-from meshstream.tracker.ranking import candidate_count, spread_nodes
+from meshstream.tracker.ranking import candidate_count, spread_candidates, spread_nodes
 from meshstream.tracker.store import (
     PEER,
     SCHEMA_VERSION,
     SERVER,
+    Candidate,
     NodeOwned,
     NodeRecord,
     ReservationLimit,
@@ -799,13 +800,13 @@ class TrackerAPI:
     ) -> Reply:
         now = self.clock.seconds()
         # The database pre-selects the candidates (see the ranking module).
-        candidates: list[NodeRecord] | None = await self.store.nodes_for(
+        candidates: list[Candidate] | None = await self.store.candidates_for(
             content_id, now - self.ttl, kind, candidate_count(limit), exclude
         )
         if candidates is None:
             raise ApiError(404, "unknown_content", f"no content {content_id}")
-        chosen = spread_nodes(candidates, self.rng, limit, now=now, horizon=self.ttl)
-        body: dict[str, Any] = {"content_id": content_id, key: [r.to_dict() for r in chosen]}
+        chosen = spread_candidates(candidates, self.rng, limit, now=now, horizon=self.ttl)
+        body: dict[str, Any] = {"content_id": content_id, key: [c.record().to_dict() for c in chosen]}
         if node is not None:
             body.update(await self._ticket(content_id, node, who))
         return Reply(200, body)

@@ -48,11 +48,11 @@ Content ids known to have a manifest are remembered (manifests are never
 deleted), so announces and node lists look up only ids not seen before.
 
 Node lists are pre-selected by the database: each node row carries the two
-figures of L{meshstream.tracker.ranking.rank_columns} (its weight without
-the time-dependent freshness, or, when its free upload is unknown, its load
+figures of L{meshstream.tracker.ranking.rank_columns} (free upload, load
 factor), and one query returns the best few of a content's live holders of
-each sort (L{meshstream.tracker.ranking.candidate_count}); the tracker
-weighs and spreads only those.
+each sort (L{meshstream.tracker.ranking.candidate_count}), with those
+figures (L{Candidate}); the tracker weighs and spreads only those, and
+decodes only the chosen ones' states.
 
 Schema (version 6)::
 
@@ -61,7 +61,7 @@ Schema (version 6)::
   nodes(node_id TEXT PK, address TEXT, state TEXT (JSON), last_seen REAL,
         owner TEXT (the user whose box it is),
         kind TEXT ('peer', or 'server' for a content server),
-        rank_weight REAL NULL (NULL: free upload unknown), rank_load REAL,
+        rank_free REAL NULL (NULL: free upload unknown), rank_load REAL,
         holdings_digest TEXT NULL (NULL: not known, read the holdings))
   holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id),
            index (content_id, node_id))
@@ -140,8 +140,6 @@ SQLITE_READERS = 2
 # Bytes of an SQLite file read through a memory map (SQLite caps it at 2 GiB).
 SQLITE_MMAP_SIZE = 1 << 30
 
-# "No limit" for the node-list query (LIMIT NULL is not valid SQLite).
-_NO_LIMIT = 2**62
 
 T = TypeVar("T")
 Cursor = Any  # a DB-API cursor (adbapi's Transaction proxies one)
@@ -343,15 +341,20 @@ class _SQL:
         ),
         # Tracker under load (issue 4): node lists pre-selected by stored
         # weights, announces that rewrite only changed holdings, a holdings
-        # index that covers the node-list join, no index on last_seen (every
-        # announce would rewrite an entry of it; the purge scans instead).
+        # index that covers the node-list join, no index on every node's
+        # last_seen (every announce would rewrite an entry of it, and
+        # SQLite's planner would scan all nodes by it for a node list; the
+        # purge scans instead): only the servers' (few, and /servers lists
+        # them by it).
         6: (
-            "ALTER TABLE nodes ADD COLUMN rank_weight REAL",
+            "ALTER TABLE nodes ADD COLUMN rank_free REAL",
             "ALTER TABLE nodes ADD COLUMN rank_load REAL NOT NULL DEFAULT 1",
             "ALTER TABLE nodes ADD COLUMN holdings_digest TEXT",
             "CREATE INDEX holdings_content_node ON holdings (content_id, node_id)",
             "DROP INDEX holdings_content",
             "DROP INDEX nodes_last_seen",
+            "DROP INDEX nodes_kind_seen",
+            "CREATE INDEX nodes_servers_seen ON nodes (last_seen) WHERE kind = 'server'",
             _fill_rank_columns,
         ),
     }
@@ -367,29 +370,32 @@ class _SQL:
     # {rows}: one upsert_node_row per node, no node twice.  The first owner
     # stays (an announce by another user is refused before this).
     upsert_nodes = (
-        "INSERT INTO nodes (node_id, address, state, last_seen, owner, kind, rank_weight, rank_load)"
+        "INSERT INTO nodes (node_id, address, state, last_seen, owner, kind, rank_free, rank_load)"
         " VALUES {rows}"
         " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
         " state = excluded.state, last_seen = excluded.last_seen,"
         " owner = COALESCE(nodes.owner, excluded.owner), kind = excluded.kind,"
-        " rank_weight = excluded.rank_weight, rank_load = excluded.rank_load"
+        " rank_free = excluded.rank_free, rank_load = excluded.rank_load"
     )
     upsert_node_row = "(?, ?, ?, ?, ?, ?, ?, ?)"
     delete_node = "DELETE FROM nodes WHERE node_id = ?"
     delete_holdings = "DELETE FROM holdings WHERE node_id = ?"
     insert_holdings = "INSERT INTO holdings (node_id, content_id) VALUES {rows}"
+    # (CROSS JOIN: SQLite then starts from the content's holdings, never
+    # from a scan of the nodes; PostgreSQL plans it as an inner join.)
+    _holders = (
+        " FROM holdings h CROSS JOIN nodes n"
+        " WHERE h.content_id = ? AND n.node_id = h.node_id AND n.last_seen >= ? AND n.kind = ?"
+    )
+    nodes_for_content = f"SELECT n.node_id, n.address, n.state, n.last_seen{_holders}"
     # The candidates of a node list (see meshstream.tracker.ranking): the
     # heaviest holders whose free upload is known, and those with the best
     # load factor among the others, by their stored rank columns.
-    _holder = (
-        "SELECT n.node_id, n.address, n.state, n.last_seen"
-        " FROM holdings h JOIN nodes n ON n.node_id = h.node_id"
-        " WHERE h.content_id = ? AND n.last_seen >= ? AND n.kind = ?"
-    )
-    nodes_for_content = (
-        f"SELECT * FROM ({_holder} AND n.rank_weight IS NOT NULL"
-        " ORDER BY n.rank_weight DESC, n.node_id COLLATE BINARY LIMIT ?) known"
-        f" UNION ALL SELECT * FROM ({_holder} AND n.rank_weight IS NULL"
+    _candidate = f"SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load{_holders}"
+    candidates_for_content = (
+        f"SELECT * FROM ({_candidate} AND n.rank_free IS NOT NULL"
+        " ORDER BY n.rank_free * n.rank_load DESC, n.node_id COLLATE BINARY LIMIT ?) known"
+        f" UNION ALL SELECT * FROM ({_candidate} AND n.rank_free IS NULL"
         " ORDER BY n.rank_load DESC, n.node_id COLLATE BINARY LIMIT ?) unknown"
     )
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
@@ -446,9 +452,10 @@ class _SQL:
     insert_reservation = f"INSERT INTO reservations ({_reservation_columns}) VALUES (?, ?, ?, ?, ?, ?)"
     count_reservations = "SELECT COUNT(*) FROM reservations WHERE name = ? AND ends > ?"
     delete_ended_reservations = "DELETE FROM reservations WHERE name = ? AND ends <= ?"
-    active_reservations = (
-        f"SELECT {_reservation_columns} FROM reservations WHERE name = ? AND ends > ?"
-        " ORDER BY starts, id LIMIT ?"
+    # {marks}: the users of a group of reads (see TrackerStore.reservations).
+    users_reservations = (
+        f"SELECT {_reservation_columns} FROM reservations WHERE ends > ? AND name IN ({{marks}})"
+        " ORDER BY name, starts, id"
     )
     delete_reservation = "DELETE FROM reservations WHERE id = ?"
     delete_own_reservation = "DELETE FROM reservations WHERE id = ? AND name = ?"
@@ -479,10 +486,11 @@ class _SQL:
     content_by_id = "content_id = ?"
 
     # -- content servers
-    nodes_of_kind = (
+    # (kind spelt out: the nodes_servers_seen index is for that kind only.)
+    live_servers = (
         "SELECT n.node_id, n.address, n.state, n.last_seen, COUNT(h.content_id)"
         " FROM nodes n LEFT JOIN holdings h ON h.node_id = n.node_id"
-        " WHERE n.kind = ? AND n.last_seen >= ?"
+        " WHERE n.kind = 'server' AND n.last_seen >= ?"
         " GROUP BY n.node_id, n.address, n.state, n.last_seen"
     )
 
@@ -492,7 +500,7 @@ class _SQL:
     set_holdings_digest = "UPDATE nodes SET holdings_digest = ? WHERE node_id = ?"
     delete_holdings_rows = "DELETE FROM holdings WHERE (node_id, content_id) IN ({rows})"
     all_node_states = "SELECT node_id, state FROM nodes"
-    set_rank_columns = "UPDATE nodes SET rank_weight = ?, rank_load = ? WHERE node_id = ?"
+    set_rank_columns = "UPDATE nodes SET rank_free = ?, rank_load = ? WHERE node_id = ?"
 
 
 @frozen
@@ -581,6 +589,23 @@ def _usage_row(row: Sequence[Any]) -> UsageRow:
     return UsageRow(str(name), str(period), str(content_id), *(int(c) for c in counters))
 
 
+@frozen
+class Candidate:
+    """
+    A node a node list may name: its row, with the state not yet decoded,
+    and its L{meshstream.tracker.ranking.rank_columns} as stored.
+    """
+
+    node_id: str
+    address: str
+    state_text: str
+    last_seen: float
+    rank: tuple[float | None, float]
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(self.node_id, self.address, _decode_state(self.state_text), self.last_seen)
+
+
 # How node states are stored (json.dumps given arguments builds one per call).
 _STATE_JSON = json.JSONEncoder(sort_keys=True, allow_nan=False)
 
@@ -658,6 +683,9 @@ class TrackerStore:
         self._manifest_ids: set[str] = set()
         self.announces: GroupCommit[_Announce, list[str]] = GroupCommit(
             self._write_announces, max_items=ANNOUNCE_GROUP, max_running=announce_writers
+        )
+        self._reservation_reads: GroupCommit[tuple[str, float, int], list[Reservation]] = GroupCommit(
+            self._read_reservations, max_items=ANNOUNCE_GROUP
         )
 
     # -- plumbing ----------------------------------------------------------
@@ -984,40 +1012,65 @@ class TrackerStore:
         return self._interaction(run)
 
     def nodes_for(
-        self,
-        content_id: str,
-        seen_since: float,
-        kind: str = PEER,
-        candidates: int | None = None,
-        exclude: Collection[str] = frozenset(),
+        self, content_id: str, seen_since: float, kind: str = PEER
     ) -> Deferred[list[NodeRecord] | None]:
         """
         The nodes of C{kind} (peers, or content servers) holding
-        C{content_id} heard from at or after C{seen_since}, leaving out the
-        ids in C{exclude}; None if the content is unknown.
-
-        @param candidates: with a number, only the C{candidates} heaviest
-            of those whose free upload is known and the C{candidates} with
-            the best load factor among the others, by the rank columns
-            stored at their last announce (see
-            L{meshstream.tracker.ranking.rank_columns}), each sort fetched
-            with as many more as C{exclude} names; all when None.  They
-            come in no particular order: the caller weighs them.
+        C{content_id} heard from at or after C{seen_since}, unordered; None
+        if the content is unknown.
         """
-        fetch = _NO_LIMIT if candidates is None else candidates + len(exclude)
 
         def run(txn: Cursor) -> list[NodeRecord] | None:
             if not self._known(txn, (content_id,)):
                 return None
             if self._dialect.node_list_hint is not None:
                 txn.execute(self._dialect.node_list_hint)
-            txn.execute(
-                self._q(_SQL.nodes_for_content),
-                (content_id, seen_since, kind, fetch, content_id, seen_since, kind, fetch),
-            )
+            txn.execute(self._q(_SQL.nodes_for_content), (content_id, seen_since, kind))
             return [
                 NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen))
                 for node_id, address, state, last_seen in txn.fetchall()
+            ]
+
+        return self._read(run)
+
+    def candidates_for(
+        self,
+        content_id: str,
+        seen_since: float,
+        kind: str,
+        count: int,
+        exclude: Collection[str] = frozenset(),
+    ) -> Deferred[list[Candidate] | None]:
+        """
+        The candidates of a node list (see L{meshstream.tracker.ranking}):
+        of the nodes L{nodes_for} would list, leaving out the ids in
+        C{exclude}, the C{count} with the largest C{free upload × load
+        factor} among those whose free upload is known and the C{count}
+        with the best load factor among the others, by the rank columns
+        stored at their last announce (each sort fetched with as many more
+        as C{exclude} names, then the excluded left out), in no particular
+        order; None if the content is unknown.
+        """
+        fetch = count + len(exclude)
+
+        def run(txn: Cursor) -> list[Candidate] | None:
+            if not self._known(txn, (content_id,)):
+                return None
+            if self._dialect.node_list_hint is not None:
+                txn.execute(self._dialect.node_list_hint)
+            txn.execute(
+                self._q(_SQL.candidates_for_content),
+                (content_id, seen_since, kind, fetch, content_id, seen_since, kind, fetch),
+            )
+            return [
+                Candidate(
+                    str(node_id),
+                    str(address),
+                    str(state),
+                    float(last_seen),
+                    (None if free is None else float(free), float(load)),
+                )
+                for node_id, address, state, last_seen, free, load in txn.fetchall()
                 if node_id not in exclude
             ]
 
@@ -1045,7 +1098,7 @@ class TrackerStore:
         """
 
         def run(txn: Cursor) -> list[tuple[NodeRecord, int]]:
-            txn.execute(self._q(_SQL.nodes_of_kind), (SERVER, seen_since))
+            txn.execute(self._q(_SQL.live_servers), (seen_since,))
             return [
                 (NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen)), int(n))
                 for node_id, address, state, last_seen, n in txn.fetchall()
@@ -1260,13 +1313,34 @@ class TrackerStore:
         return self._interaction(run)
 
     def reservations(self, name: str, now: float, limit: int) -> Deferred[list[Reservation]]:
-        """User C{name}'s unfinished reservations (at most C{limit}), by start."""
+        """
+        User C{name}'s unfinished reservations (at most C{limit}), by start.
 
-        def run(txn: Cursor) -> list[Reservation]:
-            txn.execute(self._q(_SQL.active_reservations), (name, now, limit))
-            return [_reservation(row) for row in txn.fetchall()]
+        Every announce's answer carries them, so the reads asked for while
+        one runs are made together in the next (L{GroupCommit} on the
+        reading connections: one query per group, for all its users).
+        """
+        return self._reservation_reads.submit((name, now, limit))
 
-        return self._interaction(run)
+    def _read_reservations(
+        self, asks: Sequence[tuple[str, float, int]]
+    ) -> Deferred[list[list[Reservation] | BaseException]]:
+        return self._read(self._reservations_of, asks)
+
+    def _reservations_of(
+        self, txn: Cursor, asks: Sequence[tuple[str, float, int]]
+    ) -> list[list[Reservation] | BaseException]:
+        names = sorted({name for name, _, _ in asks})
+        since = min(now for _, now, _ in asks)
+        found: dict[str, list[Reservation]] = {}
+        for i in range(0, len(names), _IN_CHUNK):
+            chunk = names[i : i + _IN_CHUNK]
+            statement = _SQL.users_reservations.format(marks=", ".join("?" * len(chunk)))
+            txn.execute(self._q(statement), (since, *chunk))
+            for row in txn.fetchall():
+                r = _reservation(row)
+                found.setdefault(r.user, []).append(r)
+        return [[r for r in found.get(name, ()) if r.end > now][:limit] for name, now, limit in asks]
 
     def delete_reservation(self, rid: str, owner: str | None = None) -> Deferred[bool]:
         """Delete a reservation (only if it is C{owner}'s, when given); fire with whether it went."""
