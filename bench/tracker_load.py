@@ -307,7 +307,7 @@ NODE_COLUMNS = (
     "address",
     "state",
     "last_seen",
-    "rank_weight",
+    "rank_free",
     "rank_load",
     "holdings_digest",
     "owner",

@@ -383,20 +383,22 @@ class _SQL:
     insert_holdings = "INSERT INTO holdings (node_id, content_id) VALUES {rows}"
     # (CROSS JOIN: SQLite then starts from the content's holdings, never
     # from a scan of the nodes; PostgreSQL plans it as an inner join.)
-    _holders = (
-        " FROM holdings h CROSS JOIN nodes n"
+    nodes_for_content = (
+        "SELECT n.node_id, n.address, n.state, n.last_seen FROM holdings h CROSS JOIN nodes n"
         " WHERE h.content_id = ? AND n.node_id = h.node_id AND n.last_seen >= ? AND n.kind = ?"
     )
-    nodes_for_content = f"SELECT n.node_id, n.address, n.state, n.last_seen{_holders}"
-    # The candidates of a node list (see meshstream.tracker.ranking): the
-    # heaviest holders whose free upload is known, and those with the best
-    # load factor among the others, by their stored rank columns.
-    _candidate = f"SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load{_holders}"
+    # The candidates of a node list (see meshstream.tracker.ranking): of
+    # the live holders, in one pass over them, the heaviest by free upload x
+    # load factor among those whose free upload is known, and those with
+    # the best load factor among the others (ROW_NUMBER numbers each sort),
+    # then only those rows read in full.
     candidates_for_content = (
-        f"SELECT * FROM ({_candidate} AND n.rank_free IS NOT NULL"
-        " ORDER BY n.rank_free * n.rank_load DESC, n.node_id COLLATE BINARY LIMIT ?) known"
-        f" UNION ALL SELECT * FROM ({_candidate} AND n.rank_free IS NULL"
-        " ORDER BY n.rank_load DESC, n.node_id COLLATE BINARY LIMIT ?) unknown"
+        "SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load"
+        " FROM (SELECT m.node_id, ROW_NUMBER() OVER (PARTITION BY m.rank_free IS NULL"
+        " ORDER BY COALESCE(m.rank_free * m.rank_load, m.rank_load) DESC, m.node_id COLLATE BINARY) AS place"
+        " FROM holdings h CROSS JOIN nodes m"
+        " WHERE h.content_id = ? AND m.node_id = h.node_id AND m.last_seen >= ? AND m.kind = ?) c"
+        " CROSS JOIN nodes n WHERE c.place <= ? AND n.node_id = c.node_id"
     )
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
     purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
@@ -1058,10 +1060,7 @@ class TrackerStore:
                 return None
             if self._dialect.node_list_hint is not None:
                 txn.execute(self._dialect.node_list_hint)
-            txn.execute(
-                self._q(_SQL.candidates_for_content),
-                (content_id, seen_since, kind, fetch, content_id, seen_since, kind, fetch),
-            )
+            txn.execute(self._q(_SQL.candidates_for_content), (content_id, seen_since, kind, fetch))
             return [
                 Candidate(
                     str(node_id),
