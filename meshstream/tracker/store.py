@@ -1316,15 +1316,18 @@ class TrackerStore:
         User C{name}'s unfinished reservations (at most C{limit}), by start.
 
         Every announce's answer carries them, so the reads asked for while
-        one runs are made together in the next (L{GroupCommit} on the
-        reading connections: one query per group, for all its users).
+        one runs are made together in the next (L{GroupCommit}: one query
+        per group, for all its users).  They run on the writing connection,
+        between announce groups (short queries), not on SQLite's reading
+        ones: there they would queue behind node lists, and announces with
+        them.
         """
         return self._reservation_reads.submit((name, now, limit))
 
     def _read_reservations(
         self, asks: Sequence[tuple[str, float, int]]
     ) -> Deferred[list[list[Reservation] | BaseException]]:
-        return self._read(self._reservations_of, asks)
+        return self._interaction(self._reservations_of, asks)
 
     def _reservations_of(
         self, txn: Cursor, asks: Sequence[tuple[str, float, int]]
