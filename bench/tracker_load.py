@@ -566,7 +566,7 @@ def run_phase(
                     env=child_env(),
                 )
             )
-        if args.py_spy and name in ("announce", "nodes", "mixed"):
+        if args.py_spy and name in ("health", "announce", "nodes", "lookup", "mixed"):
             spy_out = os.path.join(args.py_spy, f"{slug}-{name}.txt")
             spy = subprocess.Popen(
                 [
