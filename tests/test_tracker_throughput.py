@@ -15,8 +15,8 @@ C{tests/_pg.py}) a real PostgreSQL schema:
     (ties, unknown free upload, node ids that differ in case or
     punctuation, C{exclude}, expiry, kind), and weighing and drawing from
     those columns gives what weighing and drawing from the states gives;
-  - reservation reads (one per announce answer) asked for together are
-    made in one query;
+  - the reservations an announce's answer carries are read in its group's
+    transaction, one query for the group;
   - a schema 5 database is migrated, its rank columns computed.
 """
 
@@ -41,6 +41,7 @@ from meshstream.tracker.store import (
     SCHEMA_VERSION,
     SERVER,
     SQLITE,
+    Announced,
     Candidate,
     NodeOwned,
     NodeRecord,
@@ -280,8 +281,8 @@ class _StoreMixin:
         self.assertEqual([r.node_id for r in by_id(await store.nodes_for(a, 0.0, SERVER))], ["p0", "s1"])
         self.assertEqual(sorted((r.node_id, n) for r, n in await store.servers(0.0)), [("p0", 1), ("s1", 1)])
 
-    async def test_reservation_reads_grouped(self) -> None:
-        """Reservation reads asked for together are one query; each gets its user's, by its time and limit."""
+    async def test_reservations_read_with_the_group(self) -> None:
+        """Each announce of a group gets its owner's reservations, by its time and limit."""
         store = await self.open()
         a, b = await self.manifests(store, 2)
         now = int(START)
@@ -295,24 +296,32 @@ class _StoreMixin:
             made[rid] = await store.add_reservation(
                 rid, name, ReservationRequest(content, start, end), START, 10
             )
-        first = store.reservations("carol", START, 10)  # read alone, at once
+        first = store.announce("taken", "10.0.0.9:1", {}, START, [], owner="carol")  # written alone, at once
         asks = [
-            store.reservations("alice", START, 10),
-            store.reservations("alice", START, 2),
-            store.reservations("bob", START + 30, 10),  # bob's has ended by then
-            store.reservations("alice", START + 60, 10),
-            store.reservations("bob", START, 10),
+            store.announce_answer("n1", "10.0.0.1:1", {}, START, [a], "alice", reservations=10),
+            store.announce_answer("n2", "10.0.0.2:1", {}, START, [a, UNKNOWN], "alice", reservations=2),
+            # bob's has ended by then:
+            store.announce_answer("n3", "10.0.0.3:1", {}, START + 30, [], "bob", reservations=10),
+            store.announce_answer("n4", "10.0.0.4:1", {}, START + 60, [], "alice", reservations=10),
+            store.announce_answer("n5", "10.0.0.5:1", {}, START, [b], "bob", reservations=10),
+            store.announce_answer("n6", "10.0.0.6:1", {}, START, [b], "bob"),  # none asked for
+            store.announce_answer("n7", "10.0.0.7:1", {}, START, [b], None, reservations=10),  # no owner
         ]
-        self.assertEqual(await first, [])
-        self.assertEqual(store._reservation_reads.groups, 2)
+        refused = store.announce_answer("taken", "10.0.0.8:1", {}, START, [], "alice", reservations=10)
+        self.assertEqual(store.announces.pending, 8)
+        await first
+        await self.assertFailure(refused, NodeOwned)  # type: ignore[attr-defined]
+        self.assertEqual(store.announces.groups, 2)
         self.assertEqual(
             await gatherResults(asks),
             [
-                [made["r2"], made["r1"], made["r3"]],
-                [made["r2"], made["r1"]],
-                [],
-                [made["r1"], made["r3"]],
-                [made["r4"]],
+                Announced([], [made["r2"], made["r1"], made["r3"]]),
+                Announced([UNKNOWN], [made["r2"], made["r1"]]),
+                Announced([], []),
+                Announced([], [made["r1"], made["r3"]]),
+                Announced([], [made["r4"]]),
+                Announced([], []),
+                Announced([], []),
             ],
         )
 

@@ -60,6 +60,7 @@ from meshstream.tracker.store import (
     PEER,
     SCHEMA_VERSION,
     SERVER,
+    Announced,
     Candidate,
     NodeOwned,
     NodeRecord,
@@ -752,7 +753,8 @@ class TrackerAPI:
         host = ann.host
         if host in WILDCARD_HOSTS:
             host = client_host(request)
-        d = self.store.announce(
+        # The owner's reservations are read in the announce's transaction.
+        d = self.store.announce_answer(
             ann.node_id,
             format_address(host, ann.port),
             ann.state,
@@ -760,12 +762,18 @@ class TrackerAPI:
             ann.contents,
             owner=who.name,
             kind=ann.kind,
+            reservations=billing.MAX_RESERVATIONS,
         )
 
-        def done(unknown: list[str]) -> Deferred[Reply]:
+        def done(announced: Announced) -> Reply:
             self.metrics.announces.inc()
-            answer = {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown}
-            return self._with_reservations(principal(request).name, answer)
+            answer = {
+                "interval": self.announce_interval,
+                "expires_in": self.ttl,
+                "unknown": announced.unknown,
+                "reservations": [r.to_dict() for r in announced.reservations],
+            }
+            return Reply(200, answer)
 
         return d.addCallbacks(done, _node_owned)
 
@@ -930,15 +938,6 @@ class TrackerAPI:
         return self.store.usage(period, name).addCallback(render)
 
     # -- reservations ------------------------------------------------------
-
-    def _with_reservations(self, name: str, answer: dict[str, Any]) -> Deferred[Reply]:
-        d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
-
-        def add(found: list[billing.Reservation]) -> Reply:
-            answer["reservations"] = [r.to_dict() for r in found]
-            return Reply(200, answer)
-
-        return d.addCallback(add)
 
     def reserve(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         now = self.clock.seconds()

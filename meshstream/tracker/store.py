@@ -454,7 +454,11 @@ class _SQL:
     insert_reservation = f"INSERT INTO reservations ({_reservation_columns}) VALUES (?, ?, ?, ?, ?, ?)"
     count_reservations = "SELECT COUNT(*) FROM reservations WHERE name = ? AND ends > ?"
     delete_ended_reservations = "DELETE FROM reservations WHERE name = ? AND ends <= ?"
-    # {marks}: the users of a group of reads (see TrackerStore.reservations).
+    active_reservations = (
+        f"SELECT {_reservation_columns} FROM reservations WHERE name = ? AND ends > ?"
+        " ORDER BY starts, id LIMIT ?"
+    )
+    # {marks}: the users of a group of announces (see TrackerStore._announce_group).
     users_reservations = (
         f"SELECT {_reservation_columns} FROM reservations WHERE ends > ? AND name IN ({{marks}})"
         " ORDER BY name, starts, id"
@@ -626,6 +630,16 @@ def _decode_state(text: str) -> dict[str, Any]:
 
 
 @frozen
+class Announced:
+    """What L{TrackerStore.announce_answer} fires with."""
+
+    #: The announced content ids with no manifest, in the order given.
+    unknown: list[str]
+    #: The owner's unfinished reservations, by start, read in the same transaction.
+    reservations: list[Reservation]
+
+
+@frozen
 class _Announce:
     """One announce waiting for its group's transaction."""
 
@@ -637,6 +651,7 @@ class _Announce:
     rank: tuple[float | None, float]
     owner: str | None
     kind: str
+    reservations: int  # read the owner's reservations (at most this many), 0: no
 
 
 class TrackerStore:
@@ -683,11 +698,8 @@ class TrackerStore:
         # Content ids that have a manifest: only ever grows (nothing deletes
         # a manifest), read and extended from the pool's threads.
         self._manifest_ids: set[str] = set()
-        self.announces: GroupCommit[_Announce, list[str]] = GroupCommit(
+        self.announces: GroupCommit[_Announce, Announced] = GroupCommit(
             self._write_announces, max_items=ANNOUNCE_GROUP, max_running=announce_writers
-        )
-        self._reservation_reads: GroupCommit[tuple[str, float, int], list[Reservation]] = GroupCommit(
-            self._read_reservations, max_items=ANNOUNCE_GROUP
         )
 
     # -- plumbing ----------------------------------------------------------
@@ -885,6 +897,26 @@ class TrackerStore:
         this announce (and those queued with it, see L{GroupCommit}) has
         committed.
         """
+        d = self.announce_answer(node_id, address, state, last_seen, contents, owner, kind)
+        return d.addCallback(lambda announced: announced.unknown)
+
+    def announce_answer(
+        self,
+        node_id: str,
+        address: str,
+        state: dict[str, Any],
+        last_seen: float,
+        contents: Iterable[str],
+        owner: str | None = None,
+        kind: str = PEER,
+        reservations: int = 0,
+    ) -> Deferred[Announced]:
+        """
+        L{announce}, and with C{reservations} > 0 the owner's unfinished
+        reservations at C{last_seen} (at most that many, as L{reservations}
+        gives them) read in the same transaction: what an announce's answer
+        needs, in one round trip (one query for the whole group).
+        """
         if kind not in NODE_KINDS:
             return fail(StoreError(f"unknown node kind {kind!r}"))
         item = _Announce(
@@ -896,15 +928,16 @@ class TrackerStore:
             rank_columns(state),
             owner,
             kind,
+            reservations if owner is not None else 0,
         )
         return self.announces.submit(item)
 
     # -- load (issue 4): announces written in groups -------------------------
 
-    def _write_announces(self, items: Sequence[_Announce]) -> Deferred[list[list[str] | BaseException]]:
+    def _write_announces(self, items: Sequence[_Announce]) -> Deferred[list[Announced | BaseException]]:
         return self._interaction(self._announce_group, items)
 
-    def _announce_group(self, txn: Cursor, items: Sequence[_Announce]) -> list[list[str] | BaseException]:
+    def _announce_group(self, txn: Cursor, items: Sequence[_Announce]) -> list[Announced | BaseException]:
         """
         Write C{items} in one transaction, as if one after the other.
 
@@ -915,6 +948,8 @@ class TrackerStore:
         accepted announce of a node decides its row and holdings, as it
         would written alone after the others.  Rows are written in node id
         order (see the module docstring), and only holdings that change.
+        Last, one query reads the reservations the accepted announces ask
+        for (L{announce_answer}).
         """
         self._begin(txn)
         ids = sorted({a.node_id for a in items})
@@ -923,7 +958,7 @@ class TrackerStore:
             for node_id, owner, digest in self._select_in(txn, _SQL.node_rows, ids)
         }
         owners: dict[str, str | None] = {n: (None if r[0] is None else str(r[0])) for n, r in rows.items()}
-        results: list[list[str] | BaseException] = []
+        results: list[Announced | BaseException] = []
         last: dict[str, _Announce] = {}
         for a in items:
             owner = owners.get(a.node_id)
@@ -933,7 +968,7 @@ class TrackerStore:
             if owner is None and a.owner is not None:
                 owners[a.node_id] = a.owner
             last[a.node_id] = a
-            results.append([])
+            results.append(Announced([], []))
         if not last:
             return results
         known = self._known(
@@ -973,9 +1008,20 @@ class TrackerStore:
             self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped)
             self._many(txn, _SQL.insert_holdings, "(?, ?)", added)
             txn.executemany(self._q(_SQL.set_holdings_digest), [(digest[n], n) for n in stale])
+        asking = [
+            i
+            for i, (a, r) in enumerate(zip(items, results, strict=True))
+            if a.reservations > 0 and not isinstance(r, BaseException)
+        ]
+        found = self._reservations_of(
+            txn, [(str(items[i].owner), items[i].last_seen, items[i].reservations) for i in asking]
+        )
+        reserved = dict(zip(asking, found, strict=True))
         return [
-            r if isinstance(r, BaseException) else [c for c in a.contents if c not in known]
-            for a, r in zip(items, results, strict=True)
+            r
+            if isinstance(r, BaseException)
+            else Announced([c for c in a.contents if c not in known], reserved.get(i, []))
+            for i, (a, r) in enumerate(zip(items, results, strict=True))
         ]
 
     def _select_in(self, txn: Cursor, template: str, values: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -1312,26 +1358,23 @@ class TrackerStore:
         return self._interaction(run)
 
     def reservations(self, name: str, now: float, limit: int) -> Deferred[list[Reservation]]:
-        """
-        User C{name}'s unfinished reservations (at most C{limit}), by start.
+        """User C{name}'s unfinished reservations (at most C{limit}), by start."""
 
-        Every announce's answer carries them, so the reads asked for while
-        one runs are made together in the next (L{GroupCommit}: one query
-        per group, for all its users).  They run on the writing connection,
-        between announce groups (short queries), not on SQLite's reading
-        ones: there they would queue behind node lists, and announces with
-        them.
-        """
-        return self._reservation_reads.submit((name, now, limit))
+        def run(txn: Cursor) -> list[Reservation]:
+            txn.execute(self._q(_SQL.active_reservations), (name, now, limit))
+            return [_reservation(row) for row in txn.fetchall()]
 
-    def _read_reservations(
-        self, asks: Sequence[tuple[str, float, int]]
-    ) -> Deferred[list[list[Reservation] | BaseException]]:
-        return self._interaction(self._reservations_of, asks)
+        return self._interaction(run)
 
     def _reservations_of(
         self, txn: Cursor, asks: Sequence[tuple[str, float, int]]
-    ) -> list[list[Reservation] | BaseException]:
+    ) -> list[list[Reservation]]:
+        """
+        For each C{(user, now, limit)} of C{asks}, what L{reservations}
+        would return, in one query for all of them.
+        """
+        if not asks:
+            return []
         names = sorted({name for name, _, _ in asks})
         since = min(now for _, now, _ in asks)
         found: dict[str, list[Reservation]] = {}
