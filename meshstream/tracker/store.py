@@ -36,9 +36,14 @@ announces touches its nodes in node id order, so that concurrent announces
 and leaves from several trackers lock rows in one order.  A purge deletes
 expired nodes in the order it finds them; should it deadlock with a group
 of announces on PostgreSQL, the group's announces are written again one by
-one (see L{GroupCommit}).  Nothing indexes C{nodes.last_seen}: every
-announce would rewrite an entry of it, and the purge, once an interval,
-scans the nodes instead.
+one (see L{GroupCommit}).  Only the servers' C{last_seen} is indexed (a
+partial index, for C{/servers}): an index of every node's would cost every
+announce an entry rewritten, and with one SQLite answered node lists by
+walking all live nodes; the purge, once an interval, scans the nodes.
+
+A group of announces reads its nodes' owners in one query (an announce of
+a node another user owns fails alone, with L{NodeOwned}) and, for the
+answers, the reservations of its users in one more (L{TrackerStore.announce_answer}).
 
 An announce rewrites only what changed: the node's row, and the holdings it
 gained or dropped (usually none: a node re-announces what it announced).
@@ -65,6 +70,7 @@ Schema (version 6)::
         holdings_digest TEXT NULL (NULL: not known, read the holdings))
   holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id),
            index (content_id, node_id))
+  (indexes on nodes: PK, last_seen WHERE kind = 'server')
   users(name TEXT PK, password TEXT (scrypt hash), role TEXT,
         disabled INTEGER, quota_bytes BIGINT NULL, created REAL)
   tokens(digest TEXT PK (SHA-256 of the bearer token), name TEXT, expires REAL)
