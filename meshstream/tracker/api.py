@@ -57,11 +57,13 @@ from meshstream.tracker.metrics import (
     UNMATCHED,
     TrackerMetrics,
 )
-from meshstream.tracker.ranking import spread_nodes
+from meshstream.tracker.ranking import candidate_count, spread_candidates, spread_nodes
 from meshstream.tracker.store import (
     PEER,
     SCHEMA_VERSION,
     SERVER,
+    Announced,
+    Candidate,
     NodeOwned,
     NodeRecord,
     ReservationLimit,
@@ -148,10 +150,16 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every body and one encoder for every answer (json.loads
+# and json.dumps given an argument build one per call).
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def parse_json(body: bytes) -> object:
     """Decode a JSON request body; raise L{ApiError} C{bad_json}."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return _JSON_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {e}") from None
 
@@ -747,7 +755,8 @@ class TrackerAPI:
         host = ann.host
         if host in WILDCARD_HOSTS:
             host = client_host(request)
-        d = self.store.announce(
+        # The owner's reservations are read in the announce's transaction.
+        d = self.store.announce_answer(
             ann.node_id,
             format_address(host, ann.port),
             ann.state,
@@ -755,12 +764,18 @@ class TrackerAPI:
             ann.contents,
             owner=who.name,
             kind=ann.kind,
+            reservations=billing.MAX_RESERVATIONS,
         )
 
-        def done(unknown: list[str]) -> Deferred[Reply]:
+        def done(announced: Announced) -> Reply:
             self.metrics.announces.inc()
-            answer = {"interval": self.announce_interval, "expires_in": self.ttl, "unknown": unknown}
-            return self._with_reservations(principal(request).name, answer)
+            answer = {
+                "interval": self.announce_interval,
+                "expires_in": self.ttl,
+                "unknown": announced.unknown,
+                "reservations": [r.to_dict() for r in announced.reservations],
+            }
+            return Reply(200, answer)
 
         return d.addCallbacks(done, _node_owned)
 
@@ -794,12 +809,14 @@ class TrackerAPI:
         who: Principal,
     ) -> Reply:
         now = self.clock.seconds()
-        records: list[NodeRecord] | None = await self.store.nodes_for(content_id, now - self.ttl, kind)
-        if records is None:
+        # The database pre-selects the candidates (see the ranking module).
+        candidates: list[Candidate] | None = await self.store.candidates_for(
+            content_id, now - self.ttl, kind, candidate_count(limit), exclude
+        )
+        if candidates is None:
             raise ApiError(404, "unknown_content", f"no content {content_id}")
-        candidates = [r for r in records if r.node_id not in exclude]
-        chosen = spread_nodes(candidates, self.rng, limit, now=now, horizon=self.ttl)
-        body: dict[str, Any] = {"content_id": content_id, key: [r.to_dict() for r in chosen]}
+        chosen = spread_candidates(candidates, self.rng, limit, now=now, horizon=self.ttl)
+        body: dict[str, Any] = {"content_id": content_id, key: [c.record().to_dict() for c in chosen]}
         if node is not None:
             body.update(await self._ticket(content_id, node, who))
         return Reply(200, body)
@@ -923,15 +940,6 @@ class TrackerAPI:
         return self.store.usage(period, name).addCallback(render)
 
     # -- reservations ------------------------------------------------------
-
-    def _with_reservations(self, name: str, answer: dict[str, Any]) -> Deferred[Reply]:
-        d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
-
-        def add(found: list[billing.Reservation]) -> Reply:
-            answer["reservations"] = [r.to_dict() for r in found]
-            return Reply(200, answer)
-
-        return d.addCallback(add)
 
     def reserve(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
         now = self.clock.seconds()
@@ -1101,23 +1109,27 @@ def route_label(path: Sequence[str]) -> str:
 
 def read_body(request: Request, limit: int) -> bytes:
     """Return the request body, or raise 413 if it is (or claims to be) over C{limit}."""
-    too_large = ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
+
+    def too_large() -> ApiError:
+        return ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
+
     if getattr(request, "body_too_large", False):
-        raise too_large
+        raise too_large()
     length = request.getHeader("content-length")
     if length is not None:
         try:
-            if int(length) > limit:
-                raise too_large
+            declared = int(length)
         except ValueError:
             raise bad_request("invalid Content-Length") from None
+        if declared > limit:
+            raise too_large()
     content = request.content
     if content is None:
         return b""
     content.seek(0)
     body: bytes = content.read(limit + 1)
     if len(body) > limit:
-        raise too_large
+        raise too_large()
     return body
 
 
@@ -1326,7 +1338,7 @@ class TrackerResource(Resource):
         if isinstance(body, bytes):  # a Reply with its own content type
             data = body
         else:
-            data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+            data = _JSON_ENCODER.encode(body).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

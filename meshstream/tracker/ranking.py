@@ -45,6 +45,26 @@ spread: weight descending, then node id.
 Cost: one pass over the candidates, one random draw each and a partial
 sort (C{bench/ranking.py} times it: about 14 ms for 10 000 candidates on the
 project's machine, where the old deterministic sort took 11 ms).
+
+B{Candidates, pre-selected by the database.}  A popular content may have
+thousands of holders; reading, decoding and weighing them all at every
+node-list request would cost milliseconds each.  So each node row keeps
+L{rank_columns}, computed when the node announces: its free upload (NULL
+when unknown) and its load factor (C{cpu × memory × disk × slots}).  A node
+list asks the database for the L{candidate_count} holders with the largest
+C{free upload × load factor} (the weight without the time-dependent
+C{fresh}) among those whose free upload is known, and the
+L{candidate_count} with the best load factor among the others (within each
+of the two sorts the order does not depend on the median the unknown ones
+get); only those are weighed, from the columns (L{weigh_columns}, with
+freshness: the same figures as L{weigh} from their states), and spread as
+above (L{spread_candidates}); only the chosen nodes' states are decoded.
+Two consequences, both small: a holder outside its sort's best C{max(4 ×
+limit, 64)} is never listed (it would have been drawn rarely: at least 4 ×
+limit others weigh more, before freshness, which moves a weight by at most
+half), and the neutral base of unknown nodes is the median of the
+candidates', not of every holder's, free upload.  With no more holders than
+L{candidate_count}, nothing changes.
 """
 
 from __future__ import annotations
@@ -83,6 +103,14 @@ class RankedNode(Protocol):
 
 
 R = TypeVar("R", bound=RankedNode)
+
+
+class _Named(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Named)
 
 
 def _number(state: Mapping[str, object], name: str) -> float | None:
@@ -189,16 +217,28 @@ def weigh(nodes: Sequence[RankedNode], now: float | None = None, horizon: float 
     @param now: the current time, for the staleness penalty (with
         C{horizon}); None for none.
     """
+    return weigh_columns([_parts(n.state) for n in nodes], [n.last_seen for n in nodes], now, horizon)
+
+
+def weigh_columns(
+    columns: Sequence[tuple[float | None, float]],
+    last_seen: Sequence[float],
+    now: float | None = None,
+    horizon: float | None = None,
+) -> list[float]:
+    """
+    L{weigh} from each node's L{rank_columns} and C{last_seen} instead of
+    its state (the same figures).
+    """
     frees: list[float | None] = []
     known: list[float] = []
     parts: list[float] = []
-    for n in nodes:
-        free, part = _parts(n.state)
+    for (free, part), seen in zip(columns, last_seen, strict=True):
         frees.append(free)
         if free is not None and free > 0:
             known.append(free)
         if now is not None:
-            part *= freshness(now - n.last_seen, horizon)
+            part *= freshness(now - seen, horizon)
         parts.append(part)
     unknown_base = float(median(known)) if known else 1.0
     weights = []
@@ -230,7 +270,38 @@ def spread_nodes(
     @param rng: the randomness (seeded in tests); one C{expovariate} per node.
     """
     listed = list(nodes)
-    weights = weigh(listed, now, horizon)
+    return _draw(listed, weigh(listed, now, horizon), rng, limit)
+
+
+class RankedCandidate(Protocol):
+    """What L{spread_candidates} needs to see of a candidate."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def last_seen(self) -> float: ...
+
+    @property
+    def rank(self) -> tuple[float | None, float]: ...
+
+
+C = TypeVar("C", bound=RankedCandidate)
+
+
+def spread_candidates(
+    candidates: Sequence[C],
+    rng: Random,
+    limit: int | None = None,
+    now: float | None = None,
+    horizon: float | None = None,
+) -> list[C]:
+    """L{spread_nodes} weighing by the candidates' stored L{rank_columns} (C{rank}): the same draw."""
+    weights = weigh_columns([c.rank for c in candidates], [c.last_seen for c in candidates], now, horizon)
+    return _draw(candidates, weights, rng, limit)
+
+
+def _draw(listed: Sequence[T], weights: Sequence[float], rng: Random, limit: int | None) -> list[T]:
     draw = rng.expovariate
     keys: list[tuple[int, float, str, int]] = []
     for i, (node, weight) in enumerate(zip(listed, weights, strict=True)):
@@ -244,3 +315,21 @@ def spread_nodes(
     else:
         chosen = sorted(keys)
     return [listed[k[3]] for k in chosen]
+
+
+#: Candidates fetched per place in a node list, and the fewest fetched.
+CANDIDATES_PER_PLACE = 4
+MIN_CANDIDATES = 64
+
+
+def candidate_count(limit: int) -> int:
+    """How many candidates of each sort a node list of C{limit} nodes weighs (see the module docstring)."""
+    return max(CANDIDATES_PER_PLACE * limit, MIN_CANDIDATES)
+
+
+def rank_columns(state: Mapping[str, object]) -> tuple[float | None, float]:
+    """
+    What a node row keeps for the database's pre-selection and for
+    L{weigh_columns}: C{(free upload, or None when unknown; load factor)}.
+    """
+    return _parts(state)

@@ -27,6 +27,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IAddress,
     IListeningPort,
     IProtocolFactory,
     IReactorTime,
@@ -36,6 +37,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -130,8 +132,30 @@ class _QuietSite(Site):
         pass
 
 
+class _AddressCachingWrapper(ProtocolWrapper):
+    """
+    Asks the socket for its addresses once per connection: twisted.web asks
+    for both at every request (for the local one, a C{getsockname} call).
+    """
+
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+
 class _ConnectionTracker(WrappingFactory):
     """Keeps the open connections, so that stopping can drop them all."""
+
+    protocol = _AddressCachingWrapper
 
     def __init__(self, wrappedFactory: IProtocolFactory) -> None:
         super().__init__(wrappedFactory)
@@ -152,6 +176,26 @@ class _ConnectionTracker(WrappingFactory):
             if p.transport is not None:
                 p.transport.abortConnection()
         return DeferredList(waiting, consumeErrors=True)
+
+
+def make_site(resource: Resource, reactor: Any) -> Site:
+    """
+    The tracker's twisted.web site: bounded request bodies, an idle timeout,
+    no tracebacks in answers, no access log of twisted.web's (see
+    L{_QuietSite}), and no form parsing of POST bodies (the API reads JSON
+    itself; twisted.web would parse every POST's Content-Type with the
+    C{email} package, a sixth of an announce's cost; the option is Twisted
+    25.5's).
+    """
+    site = _QuietSite(
+        resource,
+        requestFactory=BoundedRequest,
+        timeout=HTTP_IDLE_TIMEOUT,
+        reactor=reactor,
+        parsePOSTFormSubmission=False,
+    )
+    site.displayTracebacks = False
+    return site
 
 
 class TrackerService(MultiService):
@@ -178,13 +222,7 @@ class TrackerService(MultiService):
         self.api = api
         self.store: TrackerStore = api.store
         self._ready: Deferred[int | None] | None = None
-        site = _QuietSite(
-            api.resource(),
-            requestFactory=BoundedRequest,
-            timeout=HTTP_IDLE_TIMEOUT,
-            reactor=reactor,
-        )
-        site.displayTracebacks = False
+        site = make_site(api.resource(), reactor)
         self._connections = _ConnectionTracker(site)
         self._endpoints: list[_RecordingEndpoint] = []
         for description in listen:
