@@ -118,3 +118,20 @@ class TwistdJSONLogsTests(unittest.SynchronousTestCase):
         exchange(tracker.port, request_bytes(b"GET", b"/api/v1/nothing"))
         tracker.wait_for(lambda e: e.get("path") == "/api/v1/nothing", start)
         self.assertEqual([e for e in tracker.events if e.get("route") == "key"], [])
+
+    def test_log_requests(self) -> None:
+        """With C{--log-requests} at debug level, successful requests are written too."""
+        workdir = tempfile.mkdtemp(prefix="meshstream-logs-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        tracker = TrackerProcess(
+            f"sqlite:{workdir}/tracker.sqlite", workdir, level="debug", options=["--log-requests"]
+        )
+        tracker.start()
+        self.addCleanup(tracker.stop)
+        start = len(tracker.events)
+        answer = exchange(tracker.port, request_bytes(b"GET", b"/api/v1/key"))
+        assert answer is not None
+        self.assertEqual(answer.status, 200)
+        event = tracker.wait_for(lambda e: e.get("route") == "key", start)
+        self.assertEqual((event["log_level"]["name"], event["status"], event["code"]), ("debug", 200, None))
+        self.assertEqual(event["text"], "GET /api/v1/key: 200")

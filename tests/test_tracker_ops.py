@@ -326,9 +326,13 @@ class _OpsMixin:
     # -- request events ------------------------------------------------------
 
     async def test_request_events(self: Any) -> None:
-        """Each request is one event with the same fields; refused ones at info with their code."""
+        """
+        With C{log_requests}, each request is one event with the same fields;
+        refused ones at info with their code.
+        """
         events = Events(self)
         t = self.tracker
+        t.service.api.log_requests = True
         await t.request("GET", "/api/v1/me", token=self.token)
         await t.request("GET", "/api/v1/me", token="forged")
         await t.login("admin", "wrong")
@@ -353,6 +357,17 @@ class _OpsMixin:
         self.assertEqual(
             (attempt["user"], attempt["client"], attempt["code"]), ("admin", "127.0.0.1", "bad_credentials")
         )
+
+    async def test_successes_not_logged_by_default(self: Any) -> None:
+        """Without C{log_requests}, a successful request makes no event; a refused one does."""
+        events = Events(self)
+        t = self.tracker
+        self.assertFalse(t.service.api.log_requests)
+        await t.request("GET", "/api/v1/me", token=self.token)
+        await t.request("GET", "/api/v1/me", token="forged")
+        self.assertEqual(events.where(route="me", status=200), [])
+        (refused,) = events.where(route="me", status=401)
+        self.assertEqual(refused["code"], "bad_token")
 
     async def test_unhandled_error_events(self: Any) -> None:
         events = Events(self)

@@ -23,6 +23,14 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run the meshstream tracker (HTTP/JSON API on twisted.web)."
 
+    optFlags: list[list[Any]] = [
+        [
+            "log-requests",
+            None,
+            "Log every answered request, successful ones too (at debug level); "
+            "refused and failed requests are always logged.",
+        ],
+    ]
     optParameters: list[list[Any]] = [
         [
             "db",
@@ -119,6 +127,7 @@ def makeService(options: Options) -> IService:
         expire_after=options["expire-after"],
         ticket_ttl=options["ticket-ttl"],
         metrics_listen=options["metrics-listen"],
+        log_requests=bool(options["log-requests"]),
         login_limits=LoginLimits(
             options["login-window"],
             options["login-failures-per-user"],

@@ -491,6 +491,7 @@ class TrackerAPI:
         health_timeout: float = HEALTH_TIMEOUT,
         rng: Random | None = None,
         login_throttle: LoginThrottle | None = None,
+        log_requests: bool = False,
     ) -> None:
         """
         @param token_ttl: seconds a login token stays valid.
@@ -506,6 +507,8 @@ class TrackerAPI:
             L{meshstream.tracker.ranking}); seeded in tests.
         @param login_throttle: counts failed logins and refuses guessing
             (L{meshstream.tracker.throttle}); by default its default limits.
+        @param log_requests: log successful requests too (L{TrackerResource});
+            refused and failed ones always are.
         """
         self.rng = rng if rng is not None else Random()
         self.store = store
@@ -531,6 +534,7 @@ class TrackerAPI:
         self._ping: Coalesced[None] = Coalesced(lambda: self.store.ping())
         self.quotas = billing.QuotaCache()
         self.login_throttle = login_throttle if login_throttle is not None else LoginThrottle(clock)
+        self.log_requests = log_requests
 
     @property
     def ttl(self) -> float:
@@ -1224,11 +1228,14 @@ class TrackerResource(Resource):
     """
     The root resource: routes, runs the handler and writes the JSON answer.
 
-    Every answered request is counted in the API's metrics and logged as one
-    event with the fields C{method}, C{route}, C{path}, C{client}, C{status},
-    C{code} (the error code, or None), C{user} (who was authenticated, or
-    None) and C{duration} (seconds): at C{debug} level if it succeeded, at
-    C{info} if it was refused (4xx), at C{error} if the tracker failed (5xx).
+    Every answered request is counted in the API's metrics.  A refused (4xx)
+    or failed (5xx) one is logged as one event with the fields C{method},
+    C{route}, C{path}, C{client}, C{status}, C{code} (the error code, or
+    None), C{user} (who was authenticated, or None) and C{duration}
+    (seconds), at C{info} or C{error} level; a successful one likewise at
+    C{debug} level, but only if the API's C{log_requests} is set (the
+    C{--log-requests} option): building an event costs about 12 µs, 5 % of an
+    announce, even when the observers drop it.
     """
 
     isLeaf = True
@@ -1294,6 +1301,8 @@ class TrackerResource(Resource):
         duration = metrics.timer() - exchange.started
         metrics.request(exchange.route, request.method, status, duration)
         if status < 400:
+            if not self._api.log_requests:
+                return
             emit, text = log.debug, "{method} {path}: {status}"
         elif status < 500:
             emit, text = log.info, "Refused {method} {path}: {status} {code}"

@@ -332,6 +332,7 @@ def build_tracker_service(
     ticket_ttl: float = DEFAULT_TICKET_TTL,
     metrics_listen: Sequence[str] = (),
     login_limits: LoginLimits | None = None,
+    log_requests: bool = False,
 ) -> TrackerService:
     """
     Put a tracker together from its settings.
@@ -340,6 +341,8 @@ def build_tracker_service(
     API's C{last_seen} and expiry, and the purge timer.  Tests pass a
     L{twisted.internet.task.Clock} while C{reactor} does the networking.
     C{login_limits}: how failed logins are throttled (default: L{LoginLimits}'s).
+    C{log_requests}: log an event for every successful request too (see
+    L{meshstream.tracker.api.TrackerResource}).
     """
     time = clock if clock is not None else reactor
     limits = login_limits if login_limits is not None else LoginLimits()
@@ -354,5 +357,6 @@ def build_tracker_service(
         login_throttle=LoginThrottle(
             time, window=limits.window, per_user=limits.per_user, per_client=limits.per_client
         ),
+        log_requests=log_requests,
     )
     return TrackerService(reactor, api, listen, clock=time, metrics_listen=metrics_listen)
