@@ -579,8 +579,9 @@ class TrackerAPI:
         The request's L{Principal} without waiting, when its token is in the
         token cache, unexpired and of one of C{roles} (set on the request as
         L{authenticate} does); else None, and L{authenticate} decides.  Most
-        calls (every announce of a busy tracker) take this way: a Deferred
-        chain less per request is 8 % of an announce's cost.
+        calls (every announce of a busy tracker) take this way: with the
+        static route lookup, one Deferred chain less per request gave 6-8 %
+        more announces a second (bench/RESULTS.md).
         """
         token = auth.parse_bearer(request.getHeader(b"authorization"))
         if token is None:
