@@ -266,7 +266,9 @@ class SeedTests(_StoreBase):
         self.assertRaises(StoreError, seed.read, 3, 1)
 
 
-class AgentStoreTests(_StoreBase):
+class _AgentStoreBase(_StoreBase):
+    """An agent store in a scratch directory, and the content's id."""
+
     def setUp(self) -> None:
         super().setUp()
         self.data_dir = os.path.join(self.dir, "agent")
@@ -274,6 +276,8 @@ class AgentStoreTests(_StoreBase):
         self.addCleanup(self.store.close)
         self.cid = self.manifest.content_id
 
+
+class AgentStoreTests(_AgentStoreBase):
     def test_interface(self) -> None:
         verifyObject(IContentStore, self.store)
 
@@ -418,15 +422,8 @@ class HintRateTests(SynchronousTestCase):
                 self.assertIsNone(hint_rate(state))
 
 
-class IOCounterTests(_StoreBase):
+class IOCounterTests(_AgentStoreBase):
     """The store counts the bytes its content files read and write (the node's file I/O)."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.data_dir = os.path.join(self.dir, "agent")
-        self.store = AgentStore(self.data_dir, KEY)
-        self.addCleanup(self.store.close)
-        self.cid = self.manifest.content_id
 
     def test_seed_reads(self) -> None:
         self.store.add_seed(SeedFile(self.path, self.manifest, self.leaves))

@@ -42,6 +42,7 @@ from tests._tracker_process import (
     read_all,
     request_bytes,
 )
+from tests.test_tracker_api import make_manifest
 
 ADMIN = "fuzz-admin"
 USER = "fuzz-user"
@@ -139,15 +140,7 @@ CID = ""  # set at class start-up: a registered content
 
 
 def manifest(seed: int) -> Manifest:
-    roots = tuple(bytes([seed % 256, b]) * 16 for b in range(3))
-    return Manifest(
-        size=3 * 1024 - 100,
-        block_size=1024,
-        sub_block_size=1024,
-        block_roots=roots,
-        name=f"fuzz-{seed}",
-        origins=("https://origin.example/c",),
-    )
+    return make_manifest(seed, f"fuzz-{seed}")
 
 
 numbers = st.one_of(st.integers(), st.floats(), st.integers(min_value=10**300, max_value=10**310))
