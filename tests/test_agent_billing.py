@@ -57,9 +57,8 @@ class AgentUsageTests(unittest.TestCase):
     async def _download_is_reported(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        size = len(make_file(src, 2 * 1024 * 1024 + 4321))
-        manifest = await mesh.publish(src)
+        src, data, manifest = await mesh.new_content(2 * 1024 * 1024 + 4321)
+        size = len(data)
         cid = manifest.content_id
         seed = await mesh.agent("seed", [mesh.seed_copy("seed", src, manifest)])
         viewer = await mesh.agent("viewer")
@@ -138,9 +137,7 @@ class AgentUsageTests(unittest.TestCase):
     async def _reservations(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        make_file(src, 64 * 1024)
-        cid = (await mesh.publish(src)).content_id
+        cid = (await mesh.new_content(64 * 1024))[2].content_id
         viewer = await mesh.agent("viewer", stream=True)
         self.assertEqual(viewer.reservations, [])
         user = TrackerClient(mesh.http, mesh.tracker_url, reactor, credentials=viewer.config.credentials)

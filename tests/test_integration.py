@@ -75,6 +75,12 @@ class Mesh:
         self.case.addCleanup(port.stopListening)
         self.origin_url = f"http://127.0.0.1:{port.getHost().port}/"
 
+    async def new_content(self, size: int) -> tuple[str, bytes, Manifest]:
+        """A file of C{size} random bytes, C{content.bin} in the mesh's directory, published."""
+        src = os.path.join(self.root, "content.bin")
+        data = make_file(src, size)
+        return src, data, await self.publish(src)
+
     async def publish(self, path: str, origin: bool = False) -> Manifest:
         origins = [self.origin_url + os.path.basename(path)] if origin else []
         manifest, _ = build_manifest(path, BLOCK, SUB, origins=origins, meta={"mime_type": "video/mp4"})
@@ -177,9 +183,7 @@ class MeshTests(unittest.TestCase):
     async def _seed_stopped(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        data = make_file(src, 6 * 1024 * 1024 + 12345)
-        manifest = await mesh.publish(src)
+        src, data, manifest = await mesh.new_content(6 * 1024 * 1024 + 12345)
         cid = manifest.content_id
         seeds = {}
         for name, rate in (("seed-a", 1.5), ("seed-b", 2.0), ("seed-c", 4.0)):
@@ -222,9 +226,7 @@ class MeshTests(unittest.TestCase):
     async def _liar(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        data = make_file(src, 3 * 1024 * 1024)
-        manifest = await mesh.publish(src)
+        src, data, manifest = await mesh.new_content(3 * 1024 * 1024)
         cid = manifest.content_id
         for name in ("honest-1", "honest-2"):
             await mesh.agent(name, [mesh.seed_copy(name, src, manifest)], upload_rate=3 * 2**20)
@@ -302,9 +304,7 @@ class MeshTests(unittest.TestCase):
     async def _fetch_by_id(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        data = make_file(src, 3 * 1024 * 1024 + 5)
-        manifest = await mesh.publish(src)
+        src, data, manifest = await mesh.new_content(3 * 1024 * 1024 + 5)
         for name in ("seed-1", "seed-2"):
             await mesh.agent(name, [mesh.seed_copy(name, src, manifest)], upload_rate=4 * 2**20)
         out = os.path.join(mesh.root, "fetched.bin")
@@ -343,9 +343,7 @@ class MeshTests(unittest.TestCase):
     async def _tickets(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        data = make_file(src, 2 * 1024 * 1024 + 99)
-        manifest = await mesh.publish(src)
+        src, data, manifest = await mesh.new_content(2 * 1024 * 1024 + 99)
         other_src = os.path.join(mesh.root, "other.bin")
         make_file(other_src, 1000)
         other = await mesh.publish(other_src)

@@ -18,7 +18,7 @@ from meshstream.errors import MeshstreamError
 from meshstream.tracker import auth
 from meshstream.tracker.client import TrackerClient
 from tests._accounts import make_user
-from tests.test_integration import LOOPBACK, Mesh, make_file, reactor
+from tests.test_integration import LOOPBACK, Mesh, reactor
 
 STATE_FIELDS = {
     "upload_bps",
@@ -75,9 +75,7 @@ class ContentServerTests(unittest.TestCase):
     async def _use_servers(self) -> None:
         mesh = Mesh(self)
         await mesh.start_tracker()
-        src = os.path.join(mesh.root, "content.bin")
-        data = make_file(src, 3 * 1024 * 1024 + 4321)
-        manifest = await mesh.publish(src)
+        src, data, manifest = await mesh.new_content(3 * 1024 * 1024 + 4321)
         cid = manifest.content_id
         rate = 3 * 2**20
         cdn = await start_agent(
