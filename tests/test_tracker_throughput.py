@@ -17,6 +17,8 @@ C{tests/_pg.py}) a real PostgreSQL schema:
     those columns gives what weighing and drawing from the states gives;
   - the reservations an announce's answer carries are read in its group's
     transaction, one query for the group;
+  - node reads give back every float exactly (SQLite returns their rows
+    as one JSON row, see L{meshstream.tracker.store.Dialect.rows_as_json});
   - a schema 5 database is migrated, its rank columns computed.
 """
 
@@ -362,6 +364,34 @@ class _StoreMixin:
         assert servers is not None
         self.assertEqual([c.node_id for c in servers], ["srv"])
         self.assertIsNone(await store.candidates_for(UNKNOWN, since, PEER, 3))
+
+    async def test_node_reads_exact(self) -> None:
+        """
+        Node reads give back what was written, to the last bit of every
+        float (on SQLite they come as one JSON row, floats as exact text),
+        and nothing when nothing matches.
+        """
+        store = await self.open()
+        a, b = await self.manifests(store, 2)
+        seen = 1795608895.577071
+        state = {"upload_capacity_bps": 123456789.12345679, "upload_bps": 0.1 + 0.2, "cpu": 1 / 3}
+        await store.announce("exact", "[2001:db8::1]:7000", state, seen, [a])
+        await store.announce("srv", "10.2.0.1:7000", {"cpu": 2 / 3}, seen + 1e-6, [a, b], kind=SERVER)
+        self.assertEqual(
+            await store.nodes_for(a, seen), [NodeRecord("exact", "[2001:db8::1]:7000", state, seen)]
+        )
+        (got,) = await store.candidates_for(a, seen, PEER, 5) or []
+        self.assertEqual(got.record(), NodeRecord("exact", "[2001:db8::1]:7000", state, seen))
+        self.assertEqual(got.rank, rank_columns(state))
+        self.assertIsNotNone(got.rank[0])
+        (unknown,) = await store.candidates_for(a, seen, SERVER, 5) or []
+        self.assertEqual(unknown.rank, (None, rank_columns({"cpu": 2 / 3})[1]))
+        self.assertEqual(
+            await store.servers(seen), [(NodeRecord("srv", "10.2.0.1:7000", {"cpu": 2 / 3}, seen + 1e-6), 2)]
+        )
+        self.assertEqual(await store.nodes_for(b, seen), [])
+        self.assertEqual(await store.candidates_for(b, seen, PEER, 5), [])
+        self.assertEqual(await store.servers(seen + 1), [])
 
     # -- migration -------------------------------------------------------------------
 
