@@ -256,6 +256,11 @@ class Dialect:
     # interpreter's switch interval: a 300-row node list read on a pool
     # thread took 400 ms (median) beside a busy thread, 8 ms as one row.
     rows_as_json: bool = False
+    # Whether statements about many rows take one array per column
+    # (C{unnest}, C{= ANY(?)}) rather than one placeholder per value: one
+    # statement text whatever the count, which psycopg converts and
+    # prepares once (it caches neither for texts of varying length).
+    arrays: bool = False
 
     def sql(self, statement: str) -> str:
         """Rewrite a C{?}-placeholder statement for this driver."""
@@ -276,6 +281,7 @@ POSTGRESQL = Dialect(
     explicit_begin=False,
     types=(("REAL", "DOUBLE PRECISION"), ("BINARY", '"C"')),
     migration_lock=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})",
+    arrays=True,
     node_list_hint=(
         "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
     ),
@@ -400,18 +406,27 @@ class _SQL:
 
     # {rows}: one upsert_node_row per node, no node twice.  The first owner
     # stays (an announce by another user is refused before this).
-    upsert_nodes = (
-        "INSERT INTO nodes (node_id, address, state, last_seen, owner, kind, rank_free, rank_load)"
-        " VALUES {rows}"
+    _upsert_nodes = (
+        "INSERT INTO nodes (node_id, address, state, last_seen, owner, kind, rank_free, rank_load) {rows}"
         " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
         " state = excluded.state, last_seen = excluded.last_seen,"
         " owner = COALESCE(nodes.owner, excluded.owner), kind = excluded.kind,"
         " rank_free = excluded.rank_free, rank_load = excluded.rank_load"
     )
+    upsert_nodes = _upsert_nodes.replace("{rows}", "VALUES {rows}")
     upsert_node_row = "(?, ?, ?, ?, ?, ?, ?, ?)"
     delete_node = "DELETE FROM nodes WHERE node_id = ?"
     delete_holdings = "DELETE FROM holdings WHERE node_id = ?"
     insert_holdings = "INSERT INTO holdings (node_id, content_id) VALUES {rows}"
+    # The same, for PostgreSQL (Dialect.arrays): one array per column, so
+    # one statement text whatever the number of rows.
+    upsert_nodes_arrays = _upsert_nodes.replace(
+        "{rows}",
+        "SELECT * FROM unnest(?::TEXT[], ?::TEXT[], ?::TEXT[], ?::REAL[], ?::TEXT[], ?::TEXT[], ?::REAL[], ?::REAL[])",
+    )
+    insert_holdings_arrays = (
+        "INSERT INTO holdings (node_id, content_id) SELECT * FROM unnest(?::TEXT[], ?::TEXT[])"
+    )
     # (CROSS JOIN: SQLite then starts from the content's holdings, never
     # from a scan of the nodes; PostgreSQL plans it as an inner join.)
     nodes_for_content = (
@@ -536,6 +551,10 @@ class _SQL:
     node_rows = "SELECT node_id, owner, holdings_digest FROM nodes WHERE node_id IN ({marks})"
     set_holdings_digest = "UPDATE nodes SET holdings_digest = ? WHERE node_id = ?"
     delete_holdings_rows = "DELETE FROM holdings WHERE (node_id, content_id) IN ({rows})"
+    delete_holdings_arrays = (
+        "DELETE FROM holdings h USING unnest(?::TEXT[], ?::TEXT[]) AS d (node_id, content_id)"
+        " WHERE h.node_id = d.node_id AND h.content_id = d.content_id"
+    )
     all_node_states = "SELECT node_id, state FROM nodes"
     set_rank_columns = "UPDATE nodes SET rank_free = ?, rank_load = ? WHERE node_id = ?"
 
@@ -750,13 +769,19 @@ class TrackerStore:
             q = self._statements[statement] = self._dialect.sql(statement)
         return q
 
-    def _many(self, txn: Cursor, template: str, row: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _many(
+        self, txn: Cursor, template: str, row: str, rows: Sequence[tuple[Any, ...]], arrays: str
+    ) -> None:
         """
         Run C{template} with its C{{rows}} standing for as many C{row}s as
         there are C{rows} (in chunks: one statement, one round trip, per
-        chunk instead of per row).
+        chunk instead of per row); on PostgreSQL, C{arrays} instead, given
+        one array per column (L{Dialect.arrays}).
         """
         if not rows:
+            return
+        if self._dialect.arrays:
+            txn.execute(self._q(arrays), [list(column) for column in zip(*rows, strict=True)])
             return
         per = max(1, _IN_CHUNK // len(rows[0]))
         for i in range(0, len(rows), per):
@@ -1058,6 +1083,7 @@ class TrackerStore:
                 (a.node_id, a.address, a.state_text, a.last_seen, owners.get(a.node_id), a.kind, *a.rank)
                 for a in (last[n] for n in order)
             ],
+            _SQL.upsert_nodes_arrays,
         )
         # Holdings are read and written only for nodes whose set changed:
         # each node row keeps a digest of the set its holdings rows hold.
@@ -1076,8 +1102,8 @@ class TrackerStore:
                 have = held.get(node_id, set())
                 dropped.extend((node_id, c) for c in sorted(have.difference(want[node_id])))
                 added.extend((node_id, c) for c in want[node_id] if c not in have)
-            self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped)
-            self._many(txn, _SQL.insert_holdings, "(?, ?)", added)
+            self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped, _SQL.delete_holdings_arrays)
+            self._many(txn, _SQL.insert_holdings, "(?, ?)", added, _SQL.insert_holdings_arrays)
             txn.executemany(self._q(_SQL.set_holdings_digest), [(digest[n], n) for n in stale])
         asking = [
             i
@@ -1098,7 +1124,15 @@ class TrackerStore:
     def _select_in(
         self, txn: Cursor, template: str, columns: tuple[str, ...], values: Sequence[str]
     ) -> list[Sequence[Any]]:
-        """Rows of C{template} (see L{_rows}) with its C{{marks}} standing for C{values} (in chunks)."""
+        """
+        Rows of C{template} (see L{_rows}) with its C{IN ({marks})} standing
+        for C{values} (in chunks), or on PostgreSQL C{= ANY(?)} given them
+        as one array (L{Dialect.arrays}).
+        """
+        if self._dialect.arrays:
+            any_of = template.replace("IN ({marks})", "= ANY(?)")
+            assert any_of != template, template
+            return self._rows(txn, any_of, (list(values),), columns)
         rows: list[Sequence[Any]] = []
         for i in range(0, len(values), _IN_CHUNK):
             chunk = values[i : i + _IN_CHUNK]
