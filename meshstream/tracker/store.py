@@ -27,7 +27,13 @@ How they differ is kept in two places:
     node-list transaction tells PostgreSQL's planner first.  It also spells
     the byte-order collation (C{COLLATE BINARY} is C{COLLATE "C"} there),
     so that node ids sort as Python sorts them whatever the database's
-    locale.
+    locale, and how many rows travel: on SQLite, a read of many rows
+    (node lists, a group's owners) returns them as one JSON row
+    (L{Dialect.rows_as_json}: sqlite3 takes the GIL back at every row, which
+    behind a busy reactor thread costs up to a switch interval each); on
+    PostgreSQL, a statement about many rows takes one array per column
+    (C{unnest}, C{= ANY}; L{Dialect.arrays}), so that its text, converted
+    and prepared once by psycopg, does not vary with the number of rows.
 
 L{parse_db_url} / L{open_store} turn a URL into a pool and a dialect.
 
