@@ -12,7 +12,8 @@ Two backends, same schema and migrations:
     connection that writes and two that only read (node lists, manifests:
     WAL lets them read while the other writes);
   - PostgreSQL (C{postgresql://...} or C{postgres://...}, through psycopg 3):
-    a few connections; several tracker processes may share one database.
+    a few connections, and two that only read, in autocommit (one round
+    trip per node list); several tracker processes may share one database.
 
 How they differ is kept in two places:
 
@@ -23,8 +24,9 @@ How they differ is kept in two places:
     for sqlite3, C{format} for psycopg) and column types (C{REAL} is a 4-byte
     float in PostgreSQL, so it becomes C{DOUBLE PRECISION}); the
     L{Dialect} also says how a transaction begins, how the migration is
-    serialised between processes (C{pg_advisory_xact_lock}) and what a
-    node-list transaction tells PostgreSQL's planner first.  It also spells
+    serialised between processes (C{pg_advisory_xact_lock}) and whether
+    node reads fence their joins for PostgreSQL's planner (C{LATERAL ...
+    OFFSET 0}: index lookups, see L{Dialect.lateral}).  It also spells
     the byte-order collation (C{COLLATE BINARY} is C{COLLATE "C"} there),
     so that node ids sort as Python sorts them whatever the database's
     locale, and how many rows travel: on SQLite, a read of many rows
@@ -135,6 +137,8 @@ NODE_KINDS = (PEER, SERVER)
 
 # Connections (and threads) per PostgreSQL pool; SQLite uses one.
 POSTGRES_POOL_SIZE = 4
+# And reading ones (autocommit: node lists, manifests), as for SQLite.
+POSTGRES_READERS = 2
 
 # Stay well below SQLite's host-parameter limit (999 before 3.32).
 _IN_CHUNK = 500
@@ -251,10 +255,13 @@ class Dialect:
     # once on one database migrate one after the other.  (SQLite needs none:
     # the first DDL statement takes the file's write lock.)
     migration_lock: str | None = None
-    # Run first in a node-list transaction.  PostgreSQL's planner, costing
-    # a page read at four times a cached one, joins a content's thousand
-    # holders by scanning every node; index lookups take a third of that.
-    node_list_hint: str | None = None
+    # Whether node reads use the _SQL statements written with LATERAL
+    # subqueries fenced by OFFSET 0.  PostgreSQL's planner, costing a page
+    # read at four times a cached one, would join a content's thousand
+    # holders by scanning every node; index lookups take a third of that,
+    # and the fence makes them the only plan (no planner setting, so no
+    # statement more: see open_store's read pool).
+    lateral: bool = False
     # Whether a statement returning many rows should return them as one
     # JSON text (L{json_rows}).  Python's sqlite3 releases the GIL around
     # every row it steps to and must take it back from the reactor's
@@ -288,9 +295,7 @@ POSTGRESQL = Dialect(
     types=(("REAL", "DOUBLE PRECISION"), ("BINARY", '"C"')),
     migration_lock=f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})",
     arrays=True,
-    node_list_hint=(
-        "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
-    ),
+    lateral=True,
 )
 
 
@@ -451,6 +456,25 @@ class _SQL:
         " FROM holdings h CROSS JOIN nodes m"
         " WHERE h.content_id = ? AND m.node_id = h.node_id AND m.last_seen >= ? AND m.kind = ?) c"
         " CROSS JOIN nodes n WHERE c.place <= ? AND n.node_id = c.node_id"
+    )
+    # The same two for PostgreSQL (Dialect.lateral), with the same
+    # placeholders in the same order.
+    nodes_for_content_lateral = (
+        "SELECT m.node_id, m.address, m.state, m.last_seen"
+        " FROM (SELECT node_id FROM holdings WHERE content_id = ?) h CROSS JOIN LATERAL"
+        " (SELECT n.node_id, n.address, n.state, n.last_seen FROM nodes n"
+        " WHERE n.node_id = h.node_id AND n.last_seen >= ? AND n.kind = ? OFFSET 0) m"
+    )
+    candidates_for_content_lateral = (
+        "SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load"
+        " FROM (SELECT m.node_id, ROW_NUMBER() OVER (PARTITION BY m.rank_free IS NULL"
+        " ORDER BY COALESCE(m.rank_free * m.rank_load, m.rank_load) DESC, m.node_id COLLATE BINARY) AS place"
+        " FROM (SELECT node_id FROM holdings WHERE content_id = ?) h CROSS JOIN LATERAL"
+        " (SELECT m.node_id, m.rank_free, m.rank_load FROM nodes m"
+        " WHERE m.node_id = h.node_id AND m.last_seen >= ? AND m.kind = ? OFFSET 0) m) c"
+        " CROSS JOIN LATERAL (SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load"
+        " FROM nodes n WHERE n.node_id = c.node_id OFFSET 0) n"
+        " WHERE c.place <= ?"
     )
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
     purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
@@ -1183,9 +1207,8 @@ class TrackerStore:
         def run(txn: Cursor) -> list[NodeRecord] | None:
             if not self._known(txn, (content_id,)):
                 return None
-            if self._dialect.node_list_hint is not None:
-                txn.execute(self._dialect.node_list_hint)
-            rows = self._rows(txn, _SQL.nodes_for_content, (content_id, seen_since, kind), *_NODE_COLUMNS)
+            statement = _SQL.nodes_for_content_lateral if self._dialect.lateral else _SQL.nodes_for_content
+            rows = self._rows(txn, statement, (content_id, seen_since, kind), *_NODE_COLUMNS)
             return [
                 NodeRecord(str(node_id), str(address), _decode_state(state), float(last_seen))
                 for node_id, address, state, last_seen in rows
@@ -1216,11 +1239,10 @@ class TrackerStore:
         def run(txn: Cursor) -> list[Candidate] | None:
             if not self._known(txn, (content_id,)):
                 return None
-            if self._dialect.node_list_hint is not None:
-                txn.execute(self._dialect.node_list_hint)
-            rows = self._rows(
-                txn, _SQL.candidates_for_content, (content_id, seen_since, kind, fetch), *_CANDIDATE_COLUMNS
+            statement = (
+                _SQL.candidates_for_content_lateral if self._dialect.lateral else _SQL.candidates_for_content
             )
+            rows = self._rows(txn, statement, (content_id, seen_since, kind, fetch), *_CANDIDATE_COLUMNS)
             return [
                 Candidate(
                     str(node_id),
@@ -1638,6 +1660,17 @@ def _sqlite_open(conn: sqlite3.Connection) -> None:
         cursor.close()
 
 
+def _postgres_read_open(conn: Any) -> None:
+    """
+    A reading connection in autocommit: each of its (single-statement,
+    read-only) interactions is one round trip, with no COMMIT after it.
+    Every round trip on a pool thread gives the GIL up and must take it back
+    from the reactor's thread, which, while that is busy, can wait a whole
+    switch interval: fewer round trips, a shorter tail.
+    """
+    conn.autocommit = True
+
+
 def open_store(url: str, reactor: IReactorCore) -> TrackerStore:
     """
     Build a (not yet started) store for a C{--db} URL.
@@ -1647,16 +1680,20 @@ def open_store(url: str, reactor: IReactorCore) -> TrackerStore:
     """
     parsed = parse_db_url(url)
     if parsed.scheme == "postgresql":
-        pg_pool = adbapi.ConnectionPool(
-            "psycopg",
-            parsed.path,
-            cp_min=1,
-            cp_max=POSTGRES_POOL_SIZE,
-            cp_reconnect=True,  # a connection the server dropped is reopened
-            cp_reactor=reactor,
-            cp_noisy=False,
+        pg_pool, pg_read_pool = (
+            adbapi.ConnectionPool(
+                "psycopg",
+                parsed.path,
+                cp_min=1,
+                cp_max=size,
+                cp_reconnect=True,  # a connection the server dropped is reopened
+                cp_openfun=openfun,
+                cp_reactor=reactor,
+                cp_noisy=False,
+            )
+            for size, openfun in ((POSTGRES_POOL_SIZE, None), (POSTGRES_READERS, _postgres_read_open))
         )
-        return TrackerStore(pg_pool, POSTGRESQL)
+        return TrackerStore(pg_pool, POSTGRESQL, read_pool=pg_read_pool)
     pool, read_pool = (
         adbapi.ConnectionPool(
             "sqlite3",
