@@ -309,12 +309,14 @@ def json_rows(statement: str, columns: tuple[str, ...], reals: frozenset[str]) -
     SQLite: C{statement} rewritten to return its rows as one row, one JSON
     array of arrays (C{columns}, the names of C{statement}'s result columns,
     in order; no particular row order).  A C{REAL} column, named in
-    C{reals}, comes as its shortest exact text (C{%!.17g}: JSON's own
-    rendering keeps 15 digits), NULL as null; L{TrackerStore._rows} turns
-    it back into a float.
+    C{reals}, is written as a JSON number of 17 significant digits
+    (C{%!.17g}), which reads back as the same float: SQLite's own rendering
+    keeps 15.
     """
     items = ", ".join(
-        f"CASE WHEN r.{c} IS NULL THEN NULL ELSE printf('%!.17g', r.{c}) END" if c in reals else f"r.{c}"
+        f"CASE WHEN r.{c} IS NULL THEN NULL ELSE json(printf('%!.17g', r.{c})) END"
+        if c in reals
+        else f"r.{c}"
         for c in columns
     )
     return f"SELECT json_group_array(json_array({items})) FROM ({statement}) r"
@@ -837,14 +839,8 @@ class TrackerStore:
             rows: list[Sequence[Any]] = txn.fetchall()
             return rows
         txn.execute(self._q(json_rows(statement, columns, reals)), params)
-        decoded: list[list[Any]] = json.loads(txn.fetchone()[0])
-        if reals:
-            at = [i for i, c in enumerate(columns) if c in reals]
-            for row in decoded:
-                for i in at:
-                    if row[i] is not None:
-                        row[i] = float(row[i])
-        return list[Sequence[Any]](decoded)
+        decoded: list[Sequence[Any]] = json.loads(txn.fetchone()[0])
+        return decoded
 
     def _begin(self, txn: Cursor) -> None:
         if self._dialect.explicit_begin:
