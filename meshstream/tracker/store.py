@@ -441,7 +441,7 @@ class _SQL:
         "INSERT INTO holdings (node_id, content_id) SELECT * FROM unnest(?::TEXT[], ?::TEXT[])"
     )
     # (CROSS JOIN: SQLite then starts from the content's holdings, never
-    # from a scan of the nodes; PostgreSQL plans it as an inner join.)
+    # from a scan of the nodes; PostgreSQL has its own, _lateral, below.)
     nodes_for_content = (
         "SELECT n.node_id, n.address, n.state, n.last_seen FROM holdings h CROSS JOIN nodes n"
         " WHERE h.content_id = ? AND n.node_id = h.node_id AND n.last_seen >= ? AND n.kind = ?"
