@@ -67,8 +67,8 @@ from _loadgen import holdings, node_address, node_id, node_state
 from _pgcluster import Cluster, ClusterError, find_bin, free_port
 
 from meshstream.manifest import Manifest
-from meshstream.tracker.ranking import rank_columns
-from meshstream.tracker.store import holdings_digest
+from meshstream.tracker.ranking import KEY_REFRESH, preselect_key, rank_columns
+from meshstream.tracker.store import _SQL, POSTGRESQL, holdings_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -278,19 +278,27 @@ def node_rows(n_nodes: int, content_ids: Sequence[str], now: float, seed: int) -
     JSON, rank columns and holdings digest computed by the tracker's code.
     """
     rng = random.Random(seed)
+    # The ages of the pre-selection keys the holdings carry, as in a
+    # tracker that has run for a while: spread over KEY_REFRESH, so that
+    # announces rewrite keys at the steady rate (drawn apart from the
+    # states, which stay those of earlier runs).
+    ages = random.Random(seed + 1)
     n = len(content_ids)
     for i in range(n_nodes):
         state = node_state(rng)
         held = [content_ids[c] for c in holdings(i, n)]
+        rank = rank_columns(state)
         yield (
             node_id(i),
             node_address(i),
             json.dumps(state, sort_keys=True),
             now,
-            *rank_columns(state),
+            *rank,
             holdings_digest(held),
             AGENT_USER,
             "peer",
+            *preselect_key(rank),
+            now - ages.uniform(0.0, KEY_REFRESH),
         )
 
 
@@ -312,6 +320,9 @@ NODE_COLUMNS = (
     "holdings_digest",
     "owner",
     "kind",
+    "held_known",
+    "held_rank",
+    "held_at",
 )
 
 
@@ -338,6 +349,8 @@ def fill_sqlite(path: str, n_nodes: int, content_ids: Sequence[str], now: float)
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(f"INSERT INTO nodes ({', '.join(columns)}) VALUES ({marks})", rows)
         conn.executemany(_INSERT_HOLDING, holding_rows(n_nodes, content_ids))
+        if "held_rank" in have:
+            conn.execute(_SQL.copy_held_keys)
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -354,15 +367,16 @@ def fill_postgres(url: str, n_nodes: int, content_ids: Sequence[str], now: float
                 "SELECT column_name FROM information_schema.columns"
                 " WHERE table_name = 'nodes' AND table_schema = current_schema()"
             )
-            columns, rows = present(
-                node_rows(n_nodes, content_ids, now, seed=7), {str(r[0]) for r in cur.fetchall()}
-            )
+            have = {str(r[0]) for r in cur.fetchall()}
+            columns, rows = present(node_rows(n_nodes, content_ids, now, seed=7), have)
             with cur.copy(f"COPY nodes ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
             with cur.copy("COPY holdings (node_id, content_id) FROM STDIN") as copy:
                 for hrow in holding_rows(n_nodes, content_ids):
                     copy.write_row(hrow)
+            if "held_rank" in have:
+                cur.execute(POSTGRESQL.sql(_SQL.copy_held_keys))
         conn.commit()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE nodes")

@@ -15,11 +15,18 @@ C{tests/_pg.py}) a real PostgreSQL schema:
     (ties, unknown free upload, node ids that differ in case or
     punctuation, C{exclude}, expiry, kind), and weighing and drawing from
     those columns gives what weighing and drawing from the states gives;
+  - the pre-selection key kept in a node's holdings rows follows its
+    announces as L{meshstream.tracker.ranking.key_is_current} says (at
+    once for a new node or a new kind; after
+    L{meshstream.tracker.ranking.KEY_REFRESH} for a changed state; never
+    for a change within the tolerance), and a node list reads only its
+    candidates' rows, best first, through the C{holdings_rank} index;
   - the reservations an announce's answer carries are read in its group's
     transaction, one query for the group;
   - node reads give back every float exactly (SQLite returns their rows
     as one JSON row, see L{meshstream.tracker.store.Dialect.rows_as_json});
-  - a schema 5 database is migrated, its rank columns computed.
+  - a schema 5 database is migrated, its rank columns computed, and its
+    holdings given their nodes' kinds and keys.
 """
 
 from __future__ import annotations
@@ -35,7 +42,15 @@ from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
 from meshstream.tracker.billing import ReservationRequest
-from meshstream.tracker.ranking import rank_columns, spread_candidates, spread_nodes, weigh, weigh_columns
+from meshstream.tracker.ranking import (
+    KEY_REFRESH,
+    preselect_key,
+    rank_columns,
+    spread_candidates,
+    spread_nodes,
+    weigh,
+    weigh_columns,
+)
 from meshstream.tracker.store import (
     _SQL,
     PEER,
@@ -395,8 +410,99 @@ class _StoreMixin:
 
     # -- migration -------------------------------------------------------------------
 
+    async def test_preselection_key_follows_announces(self) -> None:
+        """
+        The key in a node's holdings rows is the announced one at once for
+        a new node or a new kind; a changed state's key comes in only once
+        the kept one is KEY_REFRESH old (new holdings rows get the kept
+        one), and a change within the tolerance never rewrites it.  The candidates always carry the
+        rank columns of the last announce.
+        """
+        store = await self.open()
+        a, b = await self.manifests(store, 2)
+        big, small = (
+            {"upload_capacity_bps": 1000, "upload_bps": 0},
+            {"upload_capacity_bps": 10, "upload_bps": 0},
+        )
+        for i, state in enumerate([big, big, small, small]):
+            await store.announce(f"n{i}", f"10.0.0.{i}:1", state, START, [a])
+        self.assertEqual(store.rekeyed, 0)  # new nodes: their rows are written with their keys
+        self.assertEqual(self.held_keys("n0"), {a: ("peer", *preselect_key(rank_columns(big)))})
+
+        async def picked(at: float) -> list[str]:
+            got = await store.candidates_for(a, at - 10, PEER, 2)
+            assert got is not None
+            for c in got:  # the weights are always the last announce's
+                self.assertEqual(c.rank, rank_columns(latest[c.node_id]))
+            return sorted(c.node_id for c in got)
+
+        latest = {"n0": big, "n1": big, "n2": small, "n3": small}
+        self.assertEqual(await picked(START), ["n0", "n1"])
+        # n3 grows and n0 shrinks: kept keys until KEY_REFRESH has passed.
+        soon = START + KEY_REFRESH - 1
+        for node, state in (
+            ("n0", small),
+            ("n3", big),
+            ("n1", {"upload_capacity_bps": 900, "upload_bps": 0}),
+        ):
+            latest[node] = state
+            await store.announce(node, "10.0.0.9:1", state, soon, [a])
+        self.assertEqual(store.rekeyed, 0)
+        self.assertEqual(await picked(soon), ["n0", "n1"])
+        later = START + KEY_REFRESH
+        for node in ("n0", "n1", "n3"):
+            await store.announce(node, "10.0.0.9:1", latest[node], later, [a])
+        # n1's 10 % change is within the tolerance: its rows keep 1000.
+        self.assertEqual(store.rekeyed, 2)
+        self.assertEqual(await picked(later), ["n1", "n3"])
+        self.assertEqual(self.held_keys("n1"), {a: ("peer", 1, 1000.0)})
+        self.assertEqual(self.held_keys("n0"), {a: ("peer", *preselect_key(rank_columns(small)))})
+        # n2's kept key is older than KEY_REFRESH: its rows, old and new, get its new key.
+        await store.announce("n2", "10.0.0.2:1", big, later + 1, [a, b])
+        self.assertEqual(self.held_keys("n2"), {c: ("peer", 1, 1000.0) for c in (a, b)})
+        self.assertEqual(store.rekeyed, 3)
+        # A new kind is written at once, with the new key, however young the kept one.
+        await store.announce("n0", "10.0.0.0:1", big, later + 2, [a], kind=SERVER)
+        self.assertEqual(self.held_keys("n0"), {a: ("server", 1, 1000.0)})
+        self.assertEqual(store.rekeyed, 4)
+        servers = await store.candidates_for(a, later, SERVER, 5)
+        self.assertEqual([c.node_id for c in servers or []], ["n0"])
+        # A young kept key stays, and a node's new holdings rows get it too.
+        await store.announce("n3", "10.0.0.3:1", small, later + 3, [a, b])
+        self.assertEqual(self.held_keys("n3"), {c: ("peer", 1, 1000.0) for c in (a, b)})
+        self.assertEqual(store.rekeyed, 4)
+        latest.update(n0=big, n2=big, n3=small)
+        self.assertEqual(await picked(later + 3), ["n1", "n2"])  # all three peers kept 1000: by node id
+
+    async def test_node_list_reads_only_its_candidates(self) -> None:
+        """A node list of a content with many holders reads its candidates' rows through holdings_rank."""
+        store = await self.open()
+        (a,) = await self.manifests(store, 1)
+        for i in range(300):
+            state = {"upload_capacity_bps": 1000 + i, "upload_bps": 0} if i % 3 else {"cpu": (i % 100) / 100}
+            await store.announce(f"n{i:03d}", "10.0.0.1:1", state, START, [a])
+        got = await store.candidates_for(a, START, PEER, 5)
+        assert got is not None
+        # The 5 largest free uploads (i % 3 != 0), and the 5 least loaded CPUs of the others.
+        best_known = ["n299", "n298", "n296", "n295", "n293"]
+        least_cpu = ["n000", "n201", "n102", "n003", "n204"]
+        self.assertEqual(sorted(c.node_id for c in got), sorted(best_known + least_cpu))
+        self.assertIn("holdings_rank", self.candidates_plan(a))
+
+    def held_keys(self, node: str) -> dict[str, tuple[str, int, float]]:
+        """The kind and pre-selection key of each of C{node}'s holdings rows."""
+        rows = self.raw(f"SELECT content_id, kind, rank_known, rank FROM holdings WHERE node_id = '{node}'")
+        return {str(c): (str(k), int(known), float(rank)) for c, k, known, rank in rows}
+
+    def candidates_plan(self, content_id: str) -> str:
+        raise NotImplementedError
+
     async def test_migration_from_schema_5(self) -> None:
-        """A schema 5 database gets version 6: rank columns filled, indexes replaced, owners kept."""
+        """
+        A schema 5 database gets the latest version: rank columns filled,
+        holdings given their nodes' kinds and keys, indexes replaced, owners
+        kept.
+        """
         rng = random.Random(9)
         a = cid(1)
         script: list[tuple[str, tuple[Any, ...]]] = [
@@ -439,8 +545,10 @@ class _StoreMixin:
             by_id(await store.nodes_for(a, 0.0)),
             by_id([NodeRecord("n1", "10.0.0.1:1", {}, START + 1), *records[2:]]),
         )
+        self.assertEqual(self.held_keys("n5"), {a: ("peer", *preselect_key(rank_columns(records[5].state)))})
         indexes = self.index_names()
-        self.assertIn("holdings_content_node", indexes)
+        self.assertIn("holdings_rank", indexes)
+        self.assertNotIn("holdings_content_node", indexes)
         self.assertNotIn("holdings_content", indexes)
         self.assertNotIn("nodes_last_seen", indexes)
         self.assertIn("nodes_servers_seen", indexes)
@@ -478,6 +586,17 @@ class SQLiteThroughputTests(_StoreMixin, unittest.TestCase):
     def index_names(self) -> set[str]:
         return {str(r[0]) for r in self.raw("SELECT name FROM sqlite_master WHERE type = 'index'")}
 
+    def candidates_plan(self, content_id: str) -> str:
+        conn = sqlite3.connect(self.path)
+        try:
+            args = (content_id, START, PEER, 5) * 2
+            plan = conn.execute("EXPLAIN QUERY PLAN " + _SQL.candidates_for_content, args).fetchall()
+        finally:
+            conn.close()
+        text = "\n".join(str(row[-1]) for row in plan)
+        self.assertNotIn("TEMP B-TREE", text)  # read in index order: no sort of every holder
+        return text
+
 
 class PostgresThroughputTests(_StoreMixin, unittest.TestCase):
     skip = SKIP_PG
@@ -507,6 +626,17 @@ class PostgresThroughputTests(_StoreMixin, unittest.TestCase):
             str(r[0])
             for r in self.raw("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
         }
+
+    def candidates_plan(self, content_id: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url, connect_timeout=10) as conn:
+            conn.execute("ANALYZE")
+            args = (content_id, START, PEER, 5) * 2
+            plan = conn.execute("EXPLAIN " + POSTGRESQL.sql(_SQL.candidates_for_content), args).fetchall()
+        text = "\n".join(str(row[0]) for row in plan)
+        self.assertNotIn("Sort", text)  # read in index order: no sort of every holder
+        return text
 
 
 class ColumnsRankingTests(unittest.SynchronousTestCase):

@@ -333,3 +333,38 @@ def rank_columns(state: Mapping[str, object]) -> tuple[float | None, float]:
     L{weigh_columns}: C{(free upload, or None when unknown; load factor)}.
     """
     return _parts(state)
+
+
+#: How long the pre-selection key kept with a node's holdings may lag the
+#: node's announces (see L{key_is_current}), in seconds.
+KEY_REFRESH = 300.0
+#: The relative change of a pre-selection key that calls for rewriting it.
+KEY_TOLERANCE = 0.25
+
+
+def preselect_key(rank: tuple[float | None, float]) -> tuple[int, float]:
+    """
+    The pre-selection key of a node's L{rank_columns}: C{(1, free upload ×
+    load factor)} when its free upload is known, C{(0, load factor)} when
+    not; each sort picks its largest keys.
+    """
+    free, load = rank
+    return (0, load) if free is None else (1, free * load)
+
+
+def key_is_current(
+    held: tuple[int, float],
+    held_at: float,
+    new: tuple[int, float],
+    now: float,
+    refresh: float = KEY_REFRESH,
+) -> bool:
+    """
+    Whether the pre-selection key C{held}, written at C{held_at}, may stay
+    for a node whose key is now C{new}: when they are in the same sort and
+    within L{KEY_TOLERANCE} of each other, or when C{held} is younger than
+    C{refresh} seconds (a clock that went back counts as young).
+    """
+    if held[0] == new[0] and abs(new[1] - held[1]) <= KEY_TOLERANCE * max(abs(new[1]), abs(held[1])):
+        return True
+    return now - held_at < refresh

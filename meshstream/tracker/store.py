@@ -126,9 +126,9 @@ from meshstream.tracker import catalog
 from meshstream.tracker.batch import GroupCommit
 from meshstream.tracker.billing import Reservation, ReservationRequest, Standing, UsageEntry, UsageRow
 from meshstream.tracker.catalog import ContentEntry, ContentInfo
-from meshstream.tracker.ranking import rank_columns
+from meshstream.tracker.ranking import key_is_current, preselect_key, rank_columns
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Node kinds: an agent (peer) or a content server (claims 37, 38).
 PEER = "peer"
@@ -407,6 +407,25 @@ class _SQL:
             "CREATE INDEX nodes_servers_seen ON nodes (last_seen) WHERE kind = 'server'",
             _fill_rank_columns,
         ),
+        # Node lists read O(candidates) rows (issue 4): each holdings row
+        # carries its node's kind and pre-selection key, under an index
+        # that a node list reads best first; the node row keeps the key its
+        # holdings carry and since when (see TrackerStore._announce_group).
+        7: (
+            "ALTER TABLE nodes ADD COLUMN held_known INTEGER",
+            "ALTER TABLE nodes ADD COLUMN held_rank REAL",
+            "ALTER TABLE nodes ADD COLUMN held_at REAL",
+            "ALTER TABLE holdings ADD COLUMN kind TEXT NOT NULL DEFAULT 'peer'",
+            "ALTER TABLE holdings ADD COLUMN rank_known INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE holdings ADD COLUMN rank REAL NOT NULL DEFAULT 0",
+            "UPDATE nodes SET held_known = CASE WHEN rank_free IS NULL THEN 0 ELSE 1 END,"
+            " held_rank = COALESCE(rank_free * rank_load, rank_load), held_at = last_seen",
+            # (_SQL.copy_held_keys, spelt out: a migration keeps its own text.)
+            "UPDATE holdings SET kind = n.kind, rank_known = n.held_known, rank = n.held_rank"
+            " FROM nodes n WHERE n.node_id = holdings.node_id",
+            "DROP INDEX holdings_content_node",
+            "CREATE INDEX holdings_rank ON holdings (content_id, kind, rank_known, rank DESC, node_id COLLATE BINARY)",
+        ),
     }
 
     insert_manifest = (
@@ -420,25 +439,47 @@ class _SQL:
     # {rows}: one upsert_node_row per node, no node twice.  The first owner
     # stays (an announce by another user is refused before this).
     _upsert_nodes = (
-        "INSERT INTO nodes (node_id, address, state, last_seen, owner, kind, rank_free, rank_load) {rows}"
+        "INSERT INTO nodes (node_id, address, state, last_seen, owner, kind, rank_free, rank_load,"
+        " held_known, held_rank, held_at) {rows}"
         " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
         " state = excluded.state, last_seen = excluded.last_seen,"
         " owner = COALESCE(nodes.owner, excluded.owner), kind = excluded.kind,"
-        " rank_free = excluded.rank_free, rank_load = excluded.rank_load"
+        " rank_free = excluded.rank_free, rank_load = excluded.rank_load,"
+        " held_known = excluded.held_known, held_rank = excluded.held_rank, held_at = excluded.held_at"
     )
     upsert_nodes = _upsert_nodes.replace("{rows}", "VALUES {rows}")
-    upsert_node_row = "(?, ?, ?, ?, ?, ?, ?, ?)"
+    upsert_node_row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     delete_node = "DELETE FROM nodes WHERE node_id = ?"
     delete_holdings = "DELETE FROM holdings WHERE node_id = ?"
-    insert_holdings = "INSERT INTO holdings (node_id, content_id) VALUES {rows}"
+    insert_holdings = "INSERT INTO holdings (node_id, content_id, kind, rank_known, rank) VALUES {rows}"
+    insert_holdings_row = "(?, ?, ?, ?, ?)"
+    # A node's kind and pre-selection key, into all its holdings rows.
+    update_held_keys = (
+        "UPDATE holdings SET kind = u.kind, rank_known = u.known, rank = u.rank"
+        " FROM (SELECT column1 AS node_id, column2 AS kind, column3 AS known, column4 AS rank"
+        " FROM (VALUES {rows})) AS u WHERE holdings.node_id = u.node_id"
+    )
+    update_held_keys_row = "(?, ?, ?, ?)"
+    update_held_keys_arrays = (
+        "UPDATE holdings SET kind = u.kind, rank_known = u.known, rank = u.rank"
+        " FROM unnest(?::TEXT[], ?::TEXT[], ?::INTEGER[], ?::REAL[]) AS u (node_id, kind, known, rank)"
+        " WHERE holdings.node_id = u.node_id"
+    )
+    # Every node's kind and held key into its holdings (a bulk fill).
+    copy_held_keys = (
+        "UPDATE holdings SET kind = n.kind, rank_known = n.held_known, rank = n.held_rank"
+        " FROM nodes n WHERE n.node_id = holdings.node_id"
+    )
     # The same, for PostgreSQL (Dialect.arrays): one array per column, so
     # one statement text whatever the number of rows.
     upsert_nodes_arrays = _upsert_nodes.replace(
         "{rows}",
-        "SELECT * FROM unnest(?::TEXT[], ?::TEXT[], ?::TEXT[], ?::REAL[], ?::TEXT[], ?::TEXT[], ?::REAL[], ?::REAL[])",
+        "SELECT * FROM unnest(?::TEXT[], ?::TEXT[], ?::TEXT[], ?::REAL[], ?::TEXT[], ?::TEXT[], ?::REAL[], ?::REAL[],"
+        " ?::INTEGER[], ?::REAL[], ?::REAL[])",
     )
     insert_holdings_arrays = (
-        "INSERT INTO holdings (node_id, content_id) SELECT * FROM unnest(?::TEXT[], ?::TEXT[])"
+        "INSERT INTO holdings (node_id, content_id, kind, rank_known, rank)"
+        " SELECT * FROM unnest(?::TEXT[], ?::TEXT[], ?::TEXT[], ?::INTEGER[], ?::REAL[])"
     )
     # (CROSS JOIN: SQLite then starts from the content's holdings, never
     # from a scan of the nodes; PostgreSQL has its own, _lateral, below.)
@@ -447,36 +488,28 @@ class _SQL:
         " WHERE h.content_id = ? AND n.node_id = h.node_id AND n.last_seen >= ? AND n.kind = ?"
     )
     # The candidates of a node list (see meshstream.tracker.ranking): of
-    # the live holders, in one pass over them, the heaviest by free upload x
-    # load factor among those whose free upload is known, and those with
-    # the best load factor among the others (ROW_NUMBER numbers each sort),
-    # then only those rows read in full.
-    candidates_for_content = (
+    # the live holders of a kind, those with the largest pre-selection keys
+    # among those whose free upload is known, and among the others: two
+    # walks of the holdings_rank index, best first, each stopping at its
+    # LIMIT, so a node list reads O(candidates) rows, not every holder.
+    _best_holders = (
         "SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load"
-        " FROM (SELECT m.node_id, ROW_NUMBER() OVER (PARTITION BY m.rank_free IS NULL"
-        " ORDER BY COALESCE(m.rank_free * m.rank_load, m.rank_load) DESC, m.node_id COLLATE BINARY) AS place"
-        " FROM holdings h CROSS JOIN nodes m"
-        " WHERE h.content_id = ? AND m.node_id = h.node_id AND m.last_seen >= ? AND m.kind = ?) c"
-        " CROSS JOIN nodes n WHERE c.place <= ? AND n.node_id = c.node_id"
+        " FROM holdings h CROSS JOIN nodes n"
+        " WHERE h.content_id = ? AND n.node_id = h.node_id AND n.last_seen >= ? AND h.kind = ?"
+        " AND n.kind = h.kind AND h.rank_known = {known}"
+        " ORDER BY h.rank DESC, h.node_id COLLATE BINARY LIMIT ?"
     )
-    # The same two for PostgreSQL (Dialect.lateral), with the same
+    candidates_for_content = (
+        f"SELECT * FROM ({_best_holders.format(known=1)}) k"
+        f" UNION ALL SELECT * FROM ({_best_holders.format(known=0)}) u"
+    )
+    # nodes_for_content for PostgreSQL (Dialect.lateral), with the same
     # placeholders in the same order.
     nodes_for_content_lateral = (
         "SELECT m.node_id, m.address, m.state, m.last_seen"
         " FROM (SELECT node_id FROM holdings WHERE content_id = ?) h CROSS JOIN LATERAL"
         " (SELECT n.node_id, n.address, n.state, n.last_seen FROM nodes n"
         " WHERE n.node_id = h.node_id AND n.last_seen >= ? AND n.kind = ? OFFSET 0) m"
-    )
-    candidates_for_content_lateral = (
-        "SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load"
-        " FROM (SELECT m.node_id, ROW_NUMBER() OVER (PARTITION BY m.rank_free IS NULL"
-        " ORDER BY COALESCE(m.rank_free * m.rank_load, m.rank_load) DESC, m.node_id COLLATE BINARY) AS place"
-        " FROM (SELECT node_id FROM holdings WHERE content_id = ?) h CROSS JOIN LATERAL"
-        " (SELECT m.node_id, m.rank_free, m.rank_load FROM nodes m"
-        " WHERE m.node_id = h.node_id AND m.last_seen >= ? AND m.kind = ? OFFSET 0) m) c"
-        " CROSS JOIN LATERAL (SELECT n.node_id, n.address, n.state, n.last_seen, n.rank_free, n.rank_load"
-        " FROM nodes n WHERE n.node_id = c.node_id OFFSET 0) n"
-        " WHERE c.place <= ?"
     )
     purge_nodes = "DELETE FROM nodes WHERE last_seen < ? RETURNING node_id"
     purge_holdings = "DELETE FROM holdings WHERE node_id IN ({marks})"
@@ -580,7 +613,10 @@ class _SQL:
 
     # -- load (issue 4): announces write only what changed.
     holdings_of = "SELECT node_id, content_id FROM holdings WHERE node_id IN ({marks})"
-    node_rows = "SELECT node_id, owner, holdings_digest FROM nodes WHERE node_id IN ({marks})"
+    node_rows = (
+        "SELECT node_id, owner, holdings_digest, kind, held_known, held_rank, held_at"
+        " FROM nodes WHERE node_id IN ({marks})"
+    )
     set_holdings_digest = "UPDATE nodes SET holdings_digest = ? WHERE node_id = ?"
     delete_holdings_rows = "DELETE FROM holdings WHERE (node_id, content_id) IN ({rows})"
     delete_holdings_arrays = (
@@ -731,6 +767,30 @@ class Announced:
 
 
 @frozen
+class _NodeRow:
+    """What a group of announces reads of a stored node (L{_SQL.node_rows})."""
+
+    owner: str | None
+    digest: str | None
+    kind: str
+    held_known: int | None
+    held_rank: float | None
+    held_at: float | None
+
+    def held(self) -> tuple[int, float, float] | None:
+        """The pre-selection key its holdings carry, and since when; None if not known."""
+        if self.held_known is None or self.held_rank is None or self.held_at is None:
+            return None
+        return int(self.held_known), float(self.held_rank), float(self.held_at)
+
+
+_NODE_ROW_COLUMNS = (
+    ("node_id", "owner", "holdings_digest", "kind", "held_known", "held_rank", "held_at"),
+    frozenset({"held_rank", "held_at"}),
+)
+
+
+@frozen
 class _Announce:
     """One announce waiting for its group's transaction."""
 
@@ -770,6 +830,9 @@ class TrackerStore:
         read_pool: adbapi.ConnectionPool | None = None,
     ) -> None:
         self._pool = pool
+        #: How many nodes' holdings rows had their pre-selection key
+        #: rewritten by announces (L{_announce_group}); read by the metrics.
+        self.rekeyed = 0
         self._read_pool = read_pool
         self._dialect = dialect
         self._ready = False
@@ -1071,13 +1134,14 @@ class TrackerStore:
         """
         self._begin(txn)
         ids = sorted({a.node_id for a in items})
+        columns, reals = _NODE_ROW_COLUMNS
         rows = {
-            str(node_id): (owner, digest)
-            for node_id, owner, digest in self._select_in(
-                txn, _SQL.node_rows, ("node_id", "owner", "holdings_digest"), ids
-            )
+            str(row[0]): _NodeRow(*row[1:])
+            for row in self._select_in(txn, _SQL.node_rows, columns, ids, reals)
         }
-        owners: dict[str, str | None] = {n: (None if r[0] is None else str(r[0])) for n, r in rows.items()}
+        owners: dict[str, str | None] = {
+            n: (None if r.owner is None else str(r.owner)) for n, r in rows.items()
+        }
         results: list[Announced | BaseException] = []
         last: dict[str, _Announce] = {}
         for a in items:
@@ -1101,35 +1165,70 @@ class TrackerStore:
             },
         )
         order = sorted(last)
+        # Holdings are read and written only for nodes whose set changed:
+        # each node row keeps a digest of the set its holdings rows hold.
+        want = {n: [c for c in last[n].contents if c in known] for n in order}
+        digest = {n: holdings_digest(want[n]) for n in order}
+        stale = [n for n in order if n not in rows or rows[n].digest != digest[n]]
+        # The kind and pre-selection key in a node's holdings rows (its new
+        # rows too): the announced ones for a new node, a new kind, or when
+        # the key kept is no longer current (ranking.key_is_current), else
+        # the kept ones.
+        held: dict[str, tuple[int, float, float]] = {}
+        rekeyed: list[tuple[str, str, int, float]] = []
+        for n in order:
+            a, row = last[n], rows.get(n)
+            key = preselect_key(a.rank)
+            kept = None if row is None or row.kind != a.kind else row.held()
+            if kept is not None and key_is_current(kept[:2], kept[2], key, a.last_seen):
+                held[n] = kept
+                continue
+            held[n] = (*key, a.last_seen)
+            if row is not None:
+                rekeyed.append((n, a.kind, *key))
         self._many(
             txn,
             _SQL.upsert_nodes,
             _SQL.upsert_node_row,
             [
-                (a.node_id, a.address, a.state_text, a.last_seen, owners.get(a.node_id), a.kind, *a.rank)
+                (
+                    a.node_id,
+                    a.address,
+                    a.state_text,
+                    a.last_seen,
+                    owners.get(a.node_id),
+                    a.kind,
+                    *a.rank,
+                    *held[a.node_id],
+                )
                 for a in (last[n] for n in order)
             ],
             _SQL.upsert_nodes_arrays,
         )
-        # Holdings are read and written only for nodes whose set changed:
-        # each node row keeps a digest of the set its holdings rows hold.
-        want = {n: [c for c in last[n].contents if c in known] for n in order}
-        digest = {n: holdings_digest(want[n]) for n in order}
-        stale = [n for n in order if n not in rows or rows[n][1] != digest[n]]
+        self._many(
+            txn, _SQL.update_held_keys, _SQL.update_held_keys_row, rekeyed, _SQL.update_held_keys_arrays
+        )
+        self.rekeyed += len(rekeyed)
         if stale:
-            held: dict[str, set[str]] = {}
+            holding: dict[str, set[str]] = {}
             for node_id, content_id in self._select_in(
                 txn, _SQL.holdings_of, ("node_id", "content_id"), stale
             ):
-                held.setdefault(str(node_id), set()).add(str(content_id))
+                holding.setdefault(str(node_id), set()).add(str(content_id))
             dropped: list[tuple[str, str]] = []
             added: list[tuple[str, str]] = []
             for node_id in stale:
-                have = held.get(node_id, set())
+                have = holding.get(node_id, set())
                 dropped.extend((node_id, c) for c in sorted(have.difference(want[node_id])))
                 added.extend((node_id, c) for c in want[node_id] if c not in have)
             self._many(txn, _SQL.delete_holdings_rows, "(?, ?)", dropped, _SQL.delete_holdings_arrays)
-            self._many(txn, _SQL.insert_holdings, "(?, ?)", added, _SQL.insert_holdings_arrays)
+            self._many(
+                txn,
+                _SQL.insert_holdings,
+                _SQL.insert_holdings_row,
+                [(n, c, last[n].kind, *held[n][:2]) for n, c in added],
+                _SQL.insert_holdings_arrays,
+            )
             txn.executemany(self._q(_SQL.set_holdings_digest), [(digest[n], n) for n in stale])
         asking = [
             i
@@ -1148,7 +1247,12 @@ class TrackerStore:
         ]
 
     def _select_in(
-        self, txn: Cursor, template: str, columns: tuple[str, ...], values: Sequence[str]
+        self,
+        txn: Cursor,
+        template: str,
+        columns: tuple[str, ...],
+        values: Sequence[str],
+        reals: frozenset[str] = frozenset(),
     ) -> list[Sequence[Any]]:
         """
         Rows of C{template} (see L{_rows}) with its C{IN ({marks})} standing
@@ -1158,12 +1262,12 @@ class TrackerStore:
         if self._dialect.arrays:
             any_of = template.replace("IN ({marks})", "= ANY(?)")
             assert any_of != template, template
-            return self._rows(txn, any_of, (list(values),), columns)
+            return self._rows(txn, any_of, (list(values),), columns, reals)
         rows: list[Sequence[Any]] = []
         for i in range(0, len(values), _IN_CHUNK):
             chunk = values[i : i + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            rows.extend(self._rows(txn, template.format(marks=marks), tuple(chunk), columns))
+            rows.extend(self._rows(txn, template.format(marks=marks), tuple(chunk), columns, reals))
         return rows
 
     def _check_owner(self, txn: Cursor, node_id: str, owner: str | None) -> None:
@@ -1235,10 +1339,8 @@ class TrackerStore:
         def run(txn: Cursor) -> list[Candidate] | None:
             if not self._known(txn, (content_id,)):
                 return None
-            statement = (
-                _SQL.candidates_for_content_lateral if self._dialect.lateral else _SQL.candidates_for_content
-            )
-            rows = self._rows(txn, statement, (content_id, seen_since, kind, fetch), *_CANDIDATE_COLUMNS)
+            one = (content_id, seen_since, kind, fetch)
+            rows = self._rows(txn, _SQL.candidates_for_content, one + one, *_CANDIDATE_COLUMNS)
             return [
                 Candidate(
                     str(node_id),
