@@ -68,7 +68,7 @@ from _pgcluster import Cluster, ClusterError, find_bin, free_port
 
 from meshstream.manifest import Manifest
 from meshstream.tracker.ranking import KEY_REFRESH, preselect_key, rank_columns
-from meshstream.tracker.store import _SQL, POSTGRESQL, holdings_digest
+from meshstream.tracker.store import holdings_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -302,12 +302,19 @@ def node_rows(n_nodes: int, content_ids: Sequence[str], now: float, seed: int) -
         )
 
 
-def holding_rows(n_nodes: int, content_ids: Sequence[str]) -> Iterator[tuple[str, str]]:
+def holding_rows(
+    n_nodes: int, content_ids: Sequence[str], keys: Sequence[tuple[Any, ...]] | None = None
+) -> Iterator[tuple[Any, ...]]:
+    """
+    Rows of C{holdings}: C{(node_id, content_id)}, and with C{keys} (one
+    C{(kind, held_known, held_rank)} per node) those three too.
+    """
     n = len(content_ids)
     for i in range(n_nodes):
         nid = node_id(i)
+        extra = () if keys is None else keys[i]
         for c in holdings(i, n):
-            yield nid, content_ids[c]
+            yield (nid, content_ids[c], *extra)
 
 
 NODE_COLUMNS = (
@@ -335,7 +342,22 @@ def present(rows: Iterator[tuple[Any, ...]], have: set[str]) -> tuple[list[str],
     return [NODE_COLUMNS[i] for i in keep], (tuple(row[i] for i in keep) for row in rows)
 
 
-_INSERT_HOLDING = "INSERT INTO holdings (node_id, content_id) VALUES (?, ?)"
+def fill_rows(
+    n_nodes: int, content_ids: Sequence[str], now: float, have: set[str]
+) -> tuple[list[str], Iterator[tuple[Any, ...]], list[str], Iterator[tuple[Any, ...]]]:
+    """
+    The columns and rows of C{nodes} (L{present}) and of C{holdings}, whose
+    rows carry their node's kind and pre-selection key when the schema has
+    them (C{held_rank}, schema 7).
+    """
+    full = list(node_rows(n_nodes, content_ids, now, seed=7))
+    columns, rows = present(iter(full), have)
+    if "held_rank" not in have:
+        return columns, rows, ["node_id", "content_id"], holding_rows(n_nodes, content_ids)
+    at = [NODE_COLUMNS.index(c) for c in ("kind", "held_known", "held_rank")]
+    keys = [tuple(row[i] for i in at) for row in full]
+    holding_columns = ["node_id", "content_id", "kind", "rank_known", "rank"]
+    return columns, rows, holding_columns, holding_rows(n_nodes, content_ids, keys)
 
 
 def fill_sqlite(path: str, n_nodes: int, content_ids: Sequence[str], now: float) -> None:
@@ -344,13 +366,11 @@ def fill_sqlite(path: str, n_nodes: int, content_ids: Sequence[str], now: float)
     try:
         conn.execute("PRAGMA busy_timeout=30000")
         have = {str(r[1]) for r in conn.execute("PRAGMA table_info(nodes)")}
-        columns, rows = present(node_rows(n_nodes, content_ids, now, seed=7), have)
-        marks = ", ".join("?" * len(columns))
+        columns, rows, holding_columns, holdings_ = fill_rows(n_nodes, content_ids, now, have)
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(f"INSERT INTO nodes ({', '.join(columns)}) VALUES ({marks})", rows)
-        conn.executemany(_INSERT_HOLDING, holding_rows(n_nodes, content_ids))
-        if "held_rank" in have:
-            conn.execute(_SQL.copy_held_keys)
+        for table, names, values in (("nodes", columns, rows), ("holdings", holding_columns, holdings_)):
+            marks = ", ".join("?" * len(names))
+            conn.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({marks})", values)
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -368,15 +388,11 @@ def fill_postgres(url: str, n_nodes: int, content_ids: Sequence[str], now: float
                 " WHERE table_name = 'nodes' AND table_schema = current_schema()"
             )
             have = {str(r[0]) for r in cur.fetchall()}
-            columns, rows = present(node_rows(n_nodes, content_ids, now, seed=7), have)
-            with cur.copy(f"COPY nodes ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            with cur.copy("COPY holdings (node_id, content_id) FROM STDIN") as copy:
-                for hrow in holding_rows(n_nodes, content_ids):
-                    copy.write_row(hrow)
-            if "held_rank" in have:
-                cur.execute(POSTGRESQL.sql(_SQL.copy_held_keys))
+            columns, rows, holding_columns, holdings_ = fill_rows(n_nodes, content_ids, now, have)
+            for table, names, values in (("nodes", columns, rows), ("holdings", holding_columns, holdings_)):
+                with cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
+                    for row in values:
+                        copy.write_row(row)
         conn.commit()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE nodes")

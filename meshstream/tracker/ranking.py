@@ -65,6 +65,14 @@ limit others weigh more, before freshness, which moves a weight by at most
 half), and the neutral base of unknown nodes is the median of the
 candidates', not of every holder's, free upload.  With no more holders than
 L{candidate_count}, nothing changes.
+
+The database reads the candidates best first by a I{pre-selection key}
+(L{preselect_key}: that product, or the load factor alone, per sort) kept
+with each holding, which an announce rewrites only when L{key_is_current}
+says so: at most one rewrite per node per L{KEY_REFRESH}, so which holders
+are candidates may lag a changed state by that long (the weights drawn by
+are always the last announce's).  Rewriting costs one index entry per
+content the node holds, and node states change at every announce.
 """
 
 from __future__ import annotations

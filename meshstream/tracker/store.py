@@ -65,9 +65,19 @@ figures of L{meshstream.tracker.ranking.rank_columns} (free upload, load
 factor), and one query returns the best few of a content's live holders of
 each sort (L{meshstream.tracker.ranking.candidate_count}), with those
 figures (L{Candidate}); the tracker weighs and spreads only those, and
-decodes only the chosen ones' states.
+decodes only the chosen ones' states.  That query reads O(candidates) rows,
+not every holder: each holdings row carries its node's kind and
+pre-selection key (L{meshstream.tracker.ranking.preselect_key}) under the
+C{holdings_rank} index, walked best first for each sort up to its limit.
+The node row keeps the key its holdings carry and when it was written
+(C{held_*}); an announce rewrites a node's keys (one index entry per
+content it holds) only for a new kind or when
+L{meshstream.tracker.ranking.key_is_current} says the kept one is off and
+old (L{TrackerStore.rekeyed} counts them), so which holders are candidates
+may lag a state by up to L{meshstream.tracker.ranking.KEY_REFRESH}; their
+weights never do.
 
-Schema (version 6)::
+Schema (version 7)::
 
   schema_version(version INTEGER)
   manifests(content_id TEXT PK, json TEXT, created REAL)
@@ -75,9 +85,12 @@ Schema (version 6)::
         owner TEXT (the user whose box it is),
         kind TEXT ('peer', or 'server' for a content server),
         rank_free REAL NULL (NULL: free upload unknown), rank_load REAL,
-        holdings_digest TEXT NULL (NULL: not known, read the holdings))
+        holdings_digest TEXT NULL (NULL: not known, read the holdings),
+        held_known INTEGER, held_rank REAL, held_at REAL (the key its
+        holdings rows carry, since when; NULL: rewrite them))
   holdings(node_id TEXT, content_id TEXT, PK (node_id, content_id),
-           index (content_id, node_id))
+           kind TEXT, rank_known INTEGER, rank REAL (the node's, as kept),
+           index holdings_rank (content_id, kind, rank_known, rank DESC, node_id))
   (indexes on nodes: PK, last_seen WHERE kind = 'server')
   users(name TEXT PK, password TEXT (scrypt hash), role TEXT,
         disabled INTEGER, quota_bytes BIGINT NULL, created REAL)
@@ -101,6 +114,7 @@ an older tracker process sharing the database).
 Migration 6 computes the rank columns of the nodes already stored (from
 their stored states) and leaves their holdings digests NULL: each node's
 first announce afterwards reads its holdings once and stores the digest.
+Migration 7 gives every node and holdings row the key of its rank columns.
 """
 
 from __future__ import annotations
@@ -420,7 +434,6 @@ class _SQL:
             "ALTER TABLE holdings ADD COLUMN rank REAL NOT NULL DEFAULT 0",
             "UPDATE nodes SET held_known = CASE WHEN rank_free IS NULL THEN 0 ELSE 1 END,"
             " held_rank = COALESCE(rank_free * rank_load, rank_load), held_at = last_seen",
-            # (_SQL.copy_held_keys, spelt out: a migration keeps its own text.)
             "UPDATE holdings SET kind = n.kind, rank_known = n.held_known, rank = n.held_rank"
             " FROM nodes n WHERE n.node_id = holdings.node_id",
             "DROP INDEX holdings_content_node",
@@ -464,11 +477,6 @@ class _SQL:
         "UPDATE holdings SET kind = u.kind, rank_known = u.known, rank = u.rank"
         " FROM unnest(?::TEXT[], ?::TEXT[], ?::INTEGER[], ?::REAL[]) AS u (node_id, kind, known, rank)"
         " WHERE holdings.node_id = u.node_id"
-    )
-    # Every node's kind and held key into its holdings (a bulk fill).
-    copy_held_keys = (
-        "UPDATE holdings SET kind = n.kind, rank_known = n.held_known, rank = n.held_rank"
-        " FROM nodes n WHERE n.node_id = holdings.node_id"
     )
     # The same, for PostgreSQL (Dialect.arrays): one array per column, so
     # one statement text whatever the number of rows.
