@@ -227,6 +227,11 @@ class _OpsMixin:
         await t.request("POST", "/api/v1/announce", b"{}", token=self.token)  # refused: not counted
         got = await t.metric_samples()
         self.assertEqual(got[("meshstream_tracker_announces_total", labels())], 2)
+        # New nodes' holdings are written with their keys: none rewritten; the counter is the store's.
+        self.assertEqual(got[("meshstream_tracker_node_keys_rewritten_total", labels())], 0)
+        t.service.store.rekeyed = 5
+        got = await t.metric_samples()
+        self.assertEqual(got[("meshstream_tracker_node_keys_rewritten_total", labels())], 5)
         await t.refreshed()  # the timer's first run, at start
         self.clock.advance(INTERVAL)
         await t.refreshed()

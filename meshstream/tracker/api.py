@@ -526,7 +526,10 @@ class TrackerAPI:
         self.metrics = (
             metrics
             if metrics is not None
-            else TrackerMetrics(store_errors=lambda: getattr(store, "errors", 0))
+            else TrackerMetrics(
+                store_errors=lambda: getattr(store, "errors", 0),
+                keys_rewritten=lambda: getattr(store, "rekeyed", 0),
+            )
         )
         self.health_timeout = health_timeout
         # Concurrent health checks share one ping, so that a hung database

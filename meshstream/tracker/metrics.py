@@ -11,6 +11,7 @@ counts.  What it exports::
   meshstream_tracker_logins_total{outcome}                    counter
   meshstream_tracker_announces_total                          counter
   meshstream_tracker_store_errors_total                       counter
+  meshstream_tracker_node_keys_rewritten_total                counter
   meshstream_tracker_live_nodes                               gauge
   meshstream_tracker_contents                                 gauge
 
@@ -20,8 +21,8 @@ C{other}; C{status} is one of the few statuses the tracker answers; C{outcome}
 is C{ok}, C{bad_credentials} or C{disabled}.
 
 Scraping never queries the database: the two gauges hold what the purge timer
-last counted (L{TrackerMetrics.set_stats}) and the store-error counter reads
-the store's own count.  L{MetricsResource} serves the registry as C{GET
+last counted (L{TrackerMetrics.set_stats}) and the store-error and
+key-rewrite counters read the store's own counts.  L{MetricsResource} serves the registry as C{GET
 /metrics} in the Prometheus text format (or OpenMetrics, if asked for).
 """
 
@@ -59,18 +60,16 @@ def method_label(method: bytes) -> str:
     return name if name in METHODS else "other"
 
 
-class _StoreErrors(Collector):
+class _ReadCounter(Collector):
     """A counter whose value is read, at scrape time, from the store."""
 
-    def __init__(self, read: Callable[[], int]) -> None:
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name = name
+        self._documentation = documentation
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "meshstream_tracker_store_errors",
-            "Store calls that failed because of the database (driver errors, lost connections, closed store).",
-            value=self._read(),
-        )
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class TrackerMetrics:
@@ -81,12 +80,15 @@ class TrackerMetrics:
         duration is not a time of day: the tracker's injected reactor clock
         stands still in tests, this one does not).
     @param store_errors: reads how many store calls failed so far.
+    @param keys_rewritten: reads how many nodes' holdings had their
+        pre-selection key rewritten by announces so far.
     """
 
     def __init__(
         self,
         timer: Callable[[], float] = time.perf_counter,
         store_errors: Callable[[], int] = lambda: 0,
+        keys_rewritten: Callable[[], int] = lambda: 0,
     ) -> None:
         self.timer = timer
         self.registry = CollectorRegistry()
@@ -123,7 +125,20 @@ class TrackerMetrics:
             "Registered manifests, as of the last purge.",
             registry=registry,
         )
-        registry.register(_StoreErrors(store_errors))
+        registry.register(
+            _ReadCounter(
+                "meshstream_tracker_store_errors",
+                "Store calls that failed because of the database (driver errors, lost connections, closed store).",
+                store_errors,
+            )
+        )
+        registry.register(
+            _ReadCounter(
+                "meshstream_tracker_node_keys_rewritten",
+                "Nodes whose holdings had their pre-selection key rewritten by an announce (see docs/api.md, Ranking).",
+                keys_rewritten,
+            )
+        )
         # (route, method label, status) -> its counter and histogram children:
         # labels() validates and locks on every call, a dict lookup does not.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
