@@ -16,13 +16,18 @@ from twisted.trial import unittest
 from meshstream.tracker.ranking import (
     DEFAULT_UPLOAD_SLOTS,
     DISK_IO_HALF_BPS,
+    KEY_REFRESH,
+    KEY_TOLERANCE,
     MEMORY_KNEE,
     STALE_PENALTY,
     free_upload,
     freshness,
+    key_change,
+    key_is_current,
     load_factor,
     neutral_base,
     node_weight,
+    preselect_key,
     rank_nodes,
     spread_nodes,
     weigh,
@@ -339,3 +344,35 @@ class SpreadTests(unittest.SynchronousTestCase):
         zero = {n.node_id for n, w in zip(nodes, weights, strict=True) if w == 0}
         flags = [n.node_id in zero for n in spread]
         self.assertEqual(flags, sorted(flags))
+
+
+class PreselectionKeyTests(unittest.SynchronousTestCase):
+    """The pre-selection key of rank columns, how far two keys are apart, and when a kept one stays."""
+
+    def test_key_per_sort(self) -> None:
+        self.assertEqual(preselect_key((200.0, 0.5)), (1, 100.0))
+        self.assertEqual(preselect_key((None, 0.5)), (0, 0.5))
+        self.assertEqual(preselect_key((0.0, 0.5)), (1, 0.0))
+
+    def test_change(self) -> None:
+        self.assertEqual(key_change((1, 100.0), (1, 100.0)), 0.0)
+        self.assertEqual(key_change((1, 100.0), (1, 75.0)), 0.25)
+        self.assertEqual(key_change((1, 75.0), (1, 100.0)), 0.25)
+        self.assertEqual(key_change((1, 0.0), (1, 5.0)), 1.0)
+        self.assertEqual(key_change((1, 0.0), (1, 0.0)), 0.0)
+        self.assertEqual(key_change((1, 0.5), (0, 0.5)), 2.0)
+
+    @given(
+        st.tuples(st.integers(0, 1), st.floats(0, 1e12)),
+        st.tuples(st.integers(0, 1), st.floats(0, 1e12)),
+        st.floats(0, 1e4),
+    )
+    def test_current(self, held: tuple[int, float], new: tuple[int, float], age: float) -> None:
+        """Within the tolerance a kept key stays whatever its age; beyond it, only while young."""
+        now = 1.8e9
+        current = key_is_current(held, now - age, new, now)
+        if key_change(held, new) <= KEY_TOLERANCE:
+            self.assertTrue(current)
+        else:
+            self.assertEqual(current, age < KEY_REFRESH)
+        self.assertTrue(key_is_current(held, now + 10, new, now))  # a clock that went back: young

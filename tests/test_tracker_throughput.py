@@ -44,6 +44,7 @@ from twisted.trial import unittest
 from meshstream.tracker.billing import ReservationRequest
 from meshstream.tracker.ranking import (
     KEY_REFRESH,
+    REKEYS_PER_GROUP,
     preselect_key,
     rank_columns,
     spread_candidates,
@@ -473,6 +474,40 @@ class _StoreMixin:
         self.assertEqual(store.rekeyed, 4)
         latest.update(n0=big, n2=big, n3=small)
         self.assertEqual(await picked(later + 3), ["n1", "n2"])  # all three peers kept 1000: by node id
+
+    async def test_rekeys_per_group_most_changed_first(self) -> None:
+        """
+        One announce transaction rewrites the keys of at most
+        REKEYS_PER_GROUP due nodes, the most changed first; the others keep
+        theirs until a later transaction has room.
+        """
+        self.assertEqual(REKEYS_PER_GROUP, 1)
+        store = await self.open()
+        (a,) = await self.manifests(store, 1)
+
+        def offering(capacity: int) -> dict[str, int]:
+            return {"upload_capacity_bps": capacity, "upload_bps": 0}
+
+        for node in ("n0", "n1", "n2"):
+            await store.announce(node, "10.0.0.1:1", offering(1000), START, [a])
+        later = START + KEY_REFRESH
+        first = store.announce("other", "10.0.0.2:1", {}, later, [a])  # written alone, at once
+        changes = {"n0": 300, "n1": 100, "n2": 700}  # off by 70 %, 90 %, 30 %
+        group = [store.announce(n, "10.0.0.1:1", offering(c), later, [a]) for n, c in changes.items()]
+        await first
+        await gatherResults(group)
+        self.assertEqual(store.announces.groups, 5)
+        self.assertEqual(store.rekeyed, 1)
+        self.assertEqual(
+            {n: self.held_keys(n)[a][2] for n in changes}, {"n0": 1000.0, "n1": 100.0, "n2": 1000.0}
+        )
+        # Alone in their transactions, the other two are rewritten at their next announce.
+        for n, c in changes.items():
+            await store.announce(n, "10.0.0.1:1", offering(c), later + 1, [a])
+        self.assertEqual(store.rekeyed, 3)
+        self.assertEqual(
+            {n: self.held_keys(n)[a][2] for n in changes}, {n: float(c) for n, c in changes.items()}
+        )
 
     async def test_node_list_reads_only_its_candidates(self) -> None:
         """A node list of a content with many holders reads its candidates' rows through holdings_rank."""

@@ -69,10 +69,12 @@ L{candidate_count}, nothing changes.
 The database reads the candidates best first by a I{pre-selection key}
 (L{preselect_key}: that product, or the load factor alone, per sort) kept
 with each holding, which an announce rewrites only when L{key_is_current}
-says so: at most one rewrite per node per L{KEY_REFRESH}, so which holders
-are candidates may lag a changed state by that long (the weights drawn by
-are always the last announce's).  Rewriting costs one index entry per
-content the node holds, and node states change at every announce.
+says so: at most one rewrite per node per L{KEY_REFRESH}, and at most
+L{REKEYS_PER_GROUP} per announce transaction, so which holders are
+candidates may lag a changed state by that long or, under a heavy announce
+load, longer (the weights drawn by are always the last announce's).
+Rewriting costs one index entry per content the node holds, and node
+states change at every announce.
 """
 
 from __future__ import annotations
@@ -344,10 +346,19 @@ def rank_columns(state: Mapping[str, object]) -> tuple[float | None, float]:
 
 
 #: How long the pre-selection key kept with a node's holdings may lag the
-#: node's announces (see L{key_is_current}), in seconds.
+#: node's announces at least (see L{key_is_current}), in seconds.
 KEY_REFRESH = 300.0
 #: The relative change of a pre-selection key that calls for rewriting it.
 KEY_TOLERANCE = 0.25
+#: How many nodes' kept keys one announce transaction rewrites at most, the
+#: most changed first (a new node's, or a node whose kind changed, are
+#: written whatever this says).  Rewriting a node's keys costs one index
+#: entry per content it holds, about 0.5 ms on SQLite for 10 contents: a
+#: third of a 64-announce group's time if every due node were rewritten
+#: (bench/RESULTS.md).  Under a heavy announce load keys therefore lag
+#: longer than L{KEY_REFRESH}; under a light one, each due key is rewritten
+#: at the node's next announce.
+REKEYS_PER_GROUP = 1
 
 
 def preselect_key(rank: tuple[float | None, float]) -> tuple[int, float]:
@@ -360,6 +371,18 @@ def preselect_key(rank: tuple[float | None, float]) -> tuple[int, float]:
     return (0, load) if free is None else (1, free * load)
 
 
+def key_change(held: tuple[int, float], new: tuple[int, float]) -> float:
+    """
+    How far the pre-selection key C{new} is from C{held}: within a sort,
+    their difference over the larger (0 when equal, 1 when one is 0);
+    2 across sorts.
+    """
+    if held[0] != new[0]:
+        return 2.0
+    top = max(abs(new[1]), abs(held[1]))
+    return 0.0 if top == 0.0 else abs(new[1] - held[1]) / top
+
+
 def key_is_current(
     held: tuple[int, float],
     held_at: float,
@@ -369,10 +392,9 @@ def key_is_current(
 ) -> bool:
     """
     Whether the pre-selection key C{held}, written at C{held_at}, may stay
-    for a node whose key is now C{new}: when they are in the same sort and
-    within L{KEY_TOLERANCE} of each other, or when C{held} is younger than
-    C{refresh} seconds (a clock that went back counts as young).
+    for a node whose key is now C{new}: when they are within
+    L{KEY_TOLERANCE} of each other (L{key_change}), or when C{held} is
+    younger than C{refresh} seconds (a clock that went back counts as
+    young).
     """
-    if held[0] == new[0] and abs(new[1] - held[1]) <= KEY_TOLERANCE * max(abs(new[1]), abs(held[1])):
-        return True
-    return now - held_at < refresh
+    return key_change(held, new) <= KEY_TOLERANCE or now - held_at < refresh

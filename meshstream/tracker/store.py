@@ -73,9 +73,10 @@ The node row keeps the key its holdings carry and when it was written
 (C{held_*}); an announce rewrites a node's keys (one index entry per
 content it holds) only for a new kind or when
 L{meshstream.tracker.ranking.key_is_current} says the kept one is off and
-old (L{TrackerStore.rekeyed} counts them), so which holders are candidates
-may lag a state by up to L{meshstream.tracker.ranking.KEY_REFRESH}; their
-weights never do.
+old, and then for at most L{meshstream.tracker.ranking.REKEYS_PER_GROUP}
+nodes per group (L{TrackerStore.rekeyed} counts them), so which holders are
+candidates may lag a state by L{meshstream.tracker.ranking.KEY_REFRESH} or,
+under a heavy announce load, longer; their weights never do.
 
 Schema (version 7)::
 
@@ -140,7 +141,13 @@ from meshstream.tracker import catalog
 from meshstream.tracker.batch import GroupCommit
 from meshstream.tracker.billing import Reservation, ReservationRequest, Standing, UsageEntry, UsageRow
 from meshstream.tracker.catalog import ContentEntry, ContentInfo
-from meshstream.tracker.ranking import key_is_current, preselect_key, rank_columns
+from meshstream.tracker.ranking import (
+    REKEYS_PER_GROUP,
+    key_change,
+    key_is_current,
+    preselect_key,
+    rank_columns,
+)
 
 SCHEMA_VERSION = 7
 
@@ -1184,21 +1191,30 @@ class TrackerStore:
         digest = {n: holdings_digest(want[n]) for n in order}
         stale = [n for n in order if n not in rows or rows[n].digest != digest[n]]
         # The kind and pre-selection key in a node's holdings rows (its new
-        # rows too): the announced ones for a new node, a new kind, or when
-        # the key kept is no longer current (ranking.key_is_current), else
-        # the kept ones.
+        # rows too): the announced ones for a new node or a new kind; for
+        # the REKEYS_PER_GROUP most changed of the nodes whose kept key is
+        # no longer current (ranking.key_is_current); else the kept ones.
         held: dict[str, tuple[int, float, float]] = {}
         rekeyed: list[tuple[str, str, int, float]] = []
+        due: list[tuple[float, str]] = []
         for n in order:
             a, row = last[n], rows.get(n)
             key = preselect_key(a.rank)
             kept = None if row is None or row.kind != a.kind else row.held()
-            if kept is not None and key_is_current(kept[:2], kept[2], key, a.last_seen):
-                held[n] = kept
+            if kept is None:
+                held[n] = (*key, a.last_seen)
+                if row is not None:
+                    rekeyed.append((n, a.kind, *key))
                 continue
+            held[n] = kept
+            if not key_is_current(kept[:2], kept[2], key, a.last_seen):
+                due.append((-key_change(kept[:2], key), n))
+        for _, n in sorted(due)[:REKEYS_PER_GROUP]:
+            a = last[n]
+            key = preselect_key(a.rank)
             held[n] = (*key, a.last_seen)
-            if row is not None:
-                rekeyed.append((n, a.kind, *key))
+            rekeyed.append((n, a.kind, *key))
+        rekeyed.sort()  # holdings rows locked in node id order (see the module docstring)
         node_rows = [
             (
                 a.node_id,
