@@ -20,6 +20,7 @@ from meshstream.tracker.ranking import (
     KEY_TOLERANCE,
     MEMORY_KNEE,
     STALE_PENALTY,
+    RekeyBudget,
     free_upload,
     freshness,
     key_change,
@@ -376,3 +377,25 @@ class PreselectionKeyTests(unittest.SynchronousTestCase):
         else:
             self.assertEqual(current, age < KEY_REFRESH)
         self.assertTrue(key_is_current(held, now + 10, new, now))  # a clock that went back: young
+
+
+class RekeyBudgetTests(unittest.SynchronousTestCase):
+    """A token bucket on the announces' clock (times and rates exact in binary)."""
+
+    def test_burst_then_rate(self) -> None:
+        budget = RekeyBudget(rate=8.0, burst=5)
+        self.assertEqual(budget.take(100.0, 3), 3)
+        self.assertEqual(budget.take(100.0, 3), 2)  # the burst spent
+        self.assertEqual(budget.take(100.0, 1), 0)
+        self.assertEqual(budget.take(100.25, 9), 2)  # 2 tokens came in a quarter second
+        self.assertEqual(budget.take(100.3125, 1), 0)  # half a token is none
+        self.assertEqual(budget.take(100.375, 1), 1)  # two halves are one
+        self.assertEqual(budget.take(1000.0, 99), 5)  # saved up to the burst only
+        self.assertEqual(budget.take(1000.0, 0), 0)
+
+    def test_clock_going_back(self) -> None:
+        """An earlier time than the last one seen adds nothing (and is not remembered)."""
+        budget = RekeyBudget(rate=8.0, burst=2)
+        self.assertEqual(budget.take(100.0, 2), 2)
+        self.assertEqual(budget.take(50.0, 1), 0)
+        self.assertEqual(budget.take(100.125, 1), 1)

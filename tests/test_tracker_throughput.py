@@ -44,7 +44,8 @@ from twisted.trial import unittest
 from meshstream.tracker.billing import ReservationRequest
 from meshstream.tracker.ranking import (
     KEY_REFRESH,
-    REKEYS_PER_GROUP,
+    REKEY_BURST,
+    REKEY_RATE,
     preselect_key,
     rank_columns,
     spread_candidates,
@@ -475,39 +476,42 @@ class _StoreMixin:
         latest.update(n0=big, n2=big, n3=small)
         self.assertEqual(await picked(later + 3), ["n1", "n2"])  # all three peers kept 1000: by node id
 
-    async def test_rekeys_per_group_most_changed_first(self) -> None:
+    async def test_rekeys_within_budget_most_changed_first(self) -> None:
         """
-        One announce transaction rewrites the keys of at most
-        REKEYS_PER_GROUP due nodes, the most changed first; the others keep
-        theirs until a later transaction has room.
+        Announces rewrite due keys within the rekey budget (REKEY_BURST at
+        once, then REKEY_RATE a second), the most changed first; the others
+        keep theirs until there is room.
         """
-        self.assertEqual(REKEYS_PER_GROUP, 1)
         store = await self.open()
         (a,) = await self.manifests(store, 1)
 
         def offering(capacity: int) -> dict[str, int]:
             return {"upload_capacity_bps": capacity, "upload_bps": 0}
 
-        for node in ("n0", "n1", "n2"):
-            await store.announce(node, "10.0.0.1:1", offering(1000), START, [a])
+        nodes = [f"n{i:02d}" for i in range(REKEY_BURST + 5)]
+        for node in nodes:
+            await store.announce(node, "10.0.0.1:1", offering(10_000), START, [a])
+        # Each off by more than the tolerance, n00 the most: 100, 150, 200, ...
+        changed = {node: 100 + 50 * i for i, node in enumerate(nodes)}
         later = START + KEY_REFRESH
         first = store.announce("other", "10.0.0.2:1", {}, later, [a])  # written alone, at once
-        changes = {"n0": 300, "n1": 100, "n2": 700}  # off by 70 %, 90 %, 30 %
-        group = [store.announce(n, "10.0.0.1:1", offering(c), later, [a]) for n, c in changes.items()]
+        group = [store.announce(n, "10.0.0.1:1", offering(c), later, [a]) for n, c in changed.items()]
         await first
         await gatherResults(group)
-        self.assertEqual(store.announces.groups, 5)
-        self.assertEqual(store.rekeyed, 1)
+        self.assertEqual(store.announces.groups, len(nodes) + 2)
+        self.assertEqual(store.rekeyed, REKEY_BURST)
+        kept = {n: self.held_keys(n)[a][2] for n in nodes}
         self.assertEqual(
-            {n: self.held_keys(n)[a][2] for n in changes}, {"n0": 1000.0, "n1": 100.0, "n2": 1000.0}
+            kept, {n: float(changed[n]) if i < REKEY_BURST else 10_000.0 for i, n in enumerate(nodes)}
         )
-        # Alone in their transactions, the other two are rewritten at their next announce.
-        for n, c in changes.items():
-            await store.announce(n, "10.0.0.1:1", offering(c), later + 1, [a])
-        self.assertEqual(store.rekeyed, 3)
-        self.assertEqual(
-            {n: self.held_keys(n)[a][2] for n in changes}, {n: float(c) for n, c in changes.items()}
-        )
+        # The budget refills at REKEY_RATE a second, on the announces' clock:
+        # two and a half tokens' time later, two more.
+        soon = later + 2.5 / REKEY_RATE
+        for n in nodes[REKEY_BURST:]:
+            await store.announce(n, "10.0.0.1:1", offering(changed[n]), soon, [a])
+        self.assertEqual(store.rekeyed, REKEY_BURST + 2)
+        rewritten = [n for n in nodes[REKEY_BURST:] if self.held_keys(n)[a][2] != 10_000.0]
+        self.assertEqual(rewritten, nodes[REKEY_BURST : REKEY_BURST + 2])
 
     async def test_node_list_reads_only_its_candidates(self) -> None:
         """A node list of a content with many holders reads its candidates' rows through holdings_rank."""

@@ -70,9 +70,10 @@ The database reads the candidates best first by a I{pre-selection key}
 (L{preselect_key}: that product, or the load factor alone, per sort) kept
 with each holding, which an announce rewrites only when L{key_is_current}
 says so: at most one rewrite per node per L{KEY_REFRESH}, and at most
-L{REKEYS_PER_GROUP} per announce transaction, so which holders are
-candidates may lag a changed state by that long or, under a heavy announce
-load, longer (the weights drawn by are always the last announce's).
+L{REKEY_RATE} a second in all (L{RekeyBudget}, the most changed first), so
+which holders are candidates may lag a changed state by that long or, with
+many changing nodes, longer (the weights drawn by are always the last
+announce's).
 Rewriting costs one index entry per content the node holds, and node
 states change at every announce.
 """
@@ -350,15 +351,17 @@ def rank_columns(state: Mapping[str, object]) -> tuple[float | None, float]:
 KEY_REFRESH = 300.0
 #: The relative change of a pre-selection key that calls for rewriting it.
 KEY_TOLERANCE = 0.25
-#: How many nodes' kept keys one announce transaction rewrites at most, the
-#: most changed first (a new node's, or a node whose kind changed, are
-#: written whatever this says).  Rewriting a node's keys costs one index
-#: entry per content it holds, about 0.5 ms on SQLite for 10 contents: a
-#: third of a 64-announce group's time if every due node were rewritten
-#: (bench/RESULTS.md).  Under a heavy announce load keys therefore lag
-#: longer than L{KEY_REFRESH}; under a light one, each due key is rewritten
-#: at the node's next announce.
-REKEYS_PER_GROUP = 1
+#: How many nodes' kept keys announces rewrite per second at most, and at
+#: once after a quiet spell (L{RekeyBudget}); a new node's, or a node's
+#: whose kind changed, are written whatever these say.  Rewriting a node's
+#: keys costs one index entry per content it holds, about 0.5 ms of SQLite
+#: for 10 contents: a 64-announce group took 27 ms instead of 5.6 when every
+#: due node was rewritten (bench/RESULTS.md).  20 a second is 1 % of a core;
+#: it keeps up with KEY_REFRESH for up to 6 000 nodes whose states keep
+#: changing (more whose states drift within the tolerance); beyond that,
+#: under a heavy announce load, keys lag longer than L{KEY_REFRESH}.
+REKEY_RATE = 20.0
+REKEY_BURST = 20
 
 
 def preselect_key(rank: tuple[float | None, float]) -> tuple[int, float]:
@@ -381,6 +384,30 @@ def key_change(held: tuple[int, float], new: tuple[int, float]) -> float:
         return 2.0
     top = max(abs(new[1]), abs(held[1]))
     return 0.0 if top == 0.0 else abs(new[1] - held[1]) / top
+
+
+class RekeyBudget:
+    """
+    A token bucket of key rewrites (L{REKEY_RATE} a second, at most
+    L{REKEY_BURST} saved), on the announces' own clock: C{take} is given
+    the time of the announces asking.  Not thread-safe.
+    """
+
+    def __init__(self, rate: float = REKEY_RATE, burst: int = REKEY_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def take(self, now: float, wanted: int) -> int:
+        """How many of C{wanted} rewrites may happen at C{now} (the tokens are spent)."""
+        if self._at is not None and now > self._at:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        if self._at is None or now > self._at:
+            self._at = now
+        granted = min(wanted, int(self._tokens))
+        self._tokens -= granted
+        return granted
 
 
 def key_is_current(

@@ -73,10 +73,14 @@ The node row keeps the key its holdings carry and when it was written
 (C{held_*}); an announce rewrites a node's keys (one index entry per
 content it holds) only for a new kind or when
 L{meshstream.tracker.ranking.key_is_current} says the kept one is off and
-old, and then for at most L{meshstream.tracker.ranking.REKEYS_PER_GROUP}
-nodes per group (L{TrackerStore.rekeyed} counts them), so which holders are
-candidates may lag a state by L{meshstream.tracker.ranking.KEY_REFRESH} or,
-under a heavy announce load, longer; their weights never do.
+old, and then within a budget of rewrites a second
+(L{meshstream.tracker.ranking.RekeyBudget}; L{TrackerStore.rekeyed} counts
+them), so which holders are candidates may lag a state by
+L{meshstream.tracker.ranking.KEY_REFRESH} or, with many changing nodes,
+longer; their weights never do.  A node row read for a group gives its
+kept key at SQLite's 15 digits (no exact reals needed: it is only
+compared); rows whose key stays are written with NULL there, which keeps
+the stored one.
 
 Schema (version 7)::
 
@@ -126,6 +130,7 @@ import importlib
 import json
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -142,7 +147,7 @@ from meshstream.tracker.batch import GroupCommit
 from meshstream.tracker.billing import Reservation, ReservationRequest, Standing, UsageEntry, UsageRow
 from meshstream.tracker.catalog import ContentEntry, ContentInfo
 from meshstream.tracker.ranking import (
-    REKEYS_PER_GROUP,
+    RekeyBudget,
     key_change,
     key_is_current,
     preselect_key,
@@ -465,7 +470,9 @@ class _SQL:
         " state = excluded.state, last_seen = excluded.last_seen,"
         " owner = COALESCE(nodes.owner, excluded.owner), kind = excluded.kind,"
         " rank_free = excluded.rank_free, rank_load = excluded.rank_load,"
-        " held_known = excluded.held_known, held_rank = excluded.held_rank, held_at = excluded.held_at"
+        " held_known = COALESCE(excluded.held_known, nodes.held_known),"
+        " held_rank = COALESCE(excluded.held_rank, nodes.held_rank),"
+        " held_at = COALESCE(excluded.held_at, nodes.held_at)"
     )
     upsert_nodes = _upsert_nodes.replace("{rows}", "VALUES {rows}")
     upsert_node_row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -804,10 +811,7 @@ class _NodeRow:
         return int(self.held_known), float(self.held_rank), float(self.held_at)
 
 
-_NODE_ROW_COLUMNS = (
-    ("node_id", "owner", "holdings_digest", "kind", "held_known", "held_rank", "held_at"),
-    frozenset({"held_rank", "held_at"}),
-)
+_NODE_ROW_COLUMNS = ("node_id", "owner", "holdings_digest", "kind", "held_known", "held_rank", "held_at")
 
 
 @frozen
@@ -850,6 +854,8 @@ class TrackerStore:
         read_pool: adbapi.ConnectionPool | None = None,
     ) -> None:
         self._pool = pool
+        self._rekey_budget = RekeyBudget()
+        self._rekey_lock = threading.Lock()  # (groups may run on several pool threads)
         #: How many nodes' holdings rows had their pre-selection key
         #: rewritten by announces (L{_announce_group}); read by the metrics.
         self.rekeyed = 0
@@ -1154,10 +1160,9 @@ class TrackerStore:
         """
         self._begin(txn)
         ids = sorted({a.node_id for a in items})
-        columns, reals = _NODE_ROW_COLUMNS
         rows = {
             str(row[0]): _NodeRow(*row[1:])
-            for row in self._select_in(txn, _SQL.node_rows, columns, ids, reals)
+            for row in self._select_in(txn, _SQL.node_rows, _NODE_ROW_COLUMNS, ids)
         }
         owners: dict[str, str | None] = {
             n: (None if r.owner is None else str(r.owner)) for n, r in rows.items()
@@ -1191,30 +1196,33 @@ class TrackerStore:
         digest = {n: holdings_digest(want[n]) for n in order}
         stale = [n for n in order if n not in rows or rows[n].digest != digest[n]]
         # The kind and pre-selection key in a node's holdings rows (its new
-        # rows too): the announced ones for a new node or a new kind; for
-        # the REKEYS_PER_GROUP most changed of the nodes whose kept key is
-        # no longer current (ranking.key_is_current); else the kept ones.
+        # rows too): the announced ones for a new node or a new kind, and
+        # for the nodes whose kept key is no longer current
+        # (ranking.key_is_current) as many as the rekey budget allows, the
+        # most changed first; else the kept ones.  Only those written go
+        # into the node rows (None: keep).
         held: dict[str, tuple[int, float, float]] = {}
-        rekeyed: list[tuple[str, str, int, float]] = []
+        written: dict[str, tuple[int, float, float]] = {}
         due: list[tuple[float, str]] = []
         for n in order:
             a, row = last[n], rows.get(n)
             key = preselect_key(a.rank)
             kept = None if row is None or row.kind != a.kind else row.held()
             if kept is None:
-                held[n] = (*key, a.last_seen)
-                if row is not None:
-                    rekeyed.append((n, a.kind, *key))
+                held[n] = written[n] = (*key, a.last_seen)
                 continue
             held[n] = kept
             if not key_is_current(kept[:2], kept[2], key, a.last_seen):
                 due.append((-key_change(kept[:2], key), n))
-        for _, n in sorted(due)[:REKEYS_PER_GROUP]:
-            a = last[n]
-            key = preselect_key(a.rank)
-            held[n] = (*key, a.last_seen)
-            rekeyed.append((n, a.kind, *key))
-        rekeyed.sort()  # holdings rows locked in node id order (see the module docstring)
+        if due:
+            with self._rekey_lock:
+                granted = self._rekey_budget.take(max(a.last_seen for a in last.values()), len(due))
+            for _, n in sorted(due)[:granted]:
+                a = last[n]
+                held[n] = written[n] = (*preselect_key(a.rank), a.last_seen)
+        # (in node id order: holdings rows are locked in that order, see the module docstring)
+        rekeyed = [(n, last[n].kind, *written[n][:2]) for n in order if n in written and n in rows]
+        keep = (None, None, None)
         node_rows = [
             (
                 a.node_id,
@@ -1224,7 +1232,7 @@ class TrackerStore:
                 owners.get(a.node_id),
                 a.kind,
                 *a.rank,
-                *held[a.node_id],
+                *written.get(a.node_id, keep),
             )
             for a in (last[n] for n in order)
         ]
@@ -1276,12 +1284,7 @@ class TrackerStore:
         ]
 
     def _select_in(
-        self,
-        txn: Cursor,
-        template: str,
-        columns: tuple[str, ...],
-        values: Sequence[str],
-        reals: frozenset[str] = frozenset(),
+        self, txn: Cursor, template: str, columns: tuple[str, ...], values: Sequence[str]
     ) -> list[Sequence[Any]]:
         """
         Rows of C{template} (see L{_rows}) with its C{IN ({marks})} standing
@@ -1291,12 +1294,12 @@ class TrackerStore:
         if self._dialect.arrays:
             any_of = template.replace("IN ({marks})", "= ANY(?)")
             assert any_of != template, template
-            return self._rows(txn, any_of, (list(values),), columns, reals)
+            return self._rows(txn, any_of, (list(values),), columns)
         rows: list[Sequence[Any]] = []
         for i in range(0, len(values), _IN_CHUNK):
             chunk = values[i : i + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            rows.extend(self._rows(txn, template.format(marks=marks), tuple(chunk), columns, reals))
+            rows.extend(self._rows(txn, template.format(marks=marks), tuple(chunk), columns))
         return rows
 
     def _check_owner(self, txn: Cursor, node_id: str, owner: str | None) -> None:
