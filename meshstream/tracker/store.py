@@ -132,7 +132,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from attrs import frozen
@@ -793,9 +793,11 @@ class Announced:
     reservations: list[Reservation]
 
 
-@frozen
-class _NodeRow:
-    """What a group of announces reads of a stored node (L{_SQL.node_rows})."""
+class _NodeRow(NamedTuple):
+    """
+    What a group of announces reads of a stored node (L{_SQL.node_rows}).
+    (A named tuple: one is made per announce, from a row, by C{_make}.)
+    """
 
     owner: str | None
     digest: str | None
@@ -1161,7 +1163,7 @@ class TrackerStore:
         self._begin(txn)
         ids = sorted({a.node_id for a in items})
         rows = {
-            str(row[0]): _NodeRow(*row[1:])
+            str(row[0]): _NodeRow._make(row[1:])
             for row in self._select_in(txn, _SQL.node_rows, _NODE_ROW_COLUMNS, ids)
         }
         owners: dict[str, str | None] = {
