@@ -1239,9 +1239,12 @@ class TrackerStore:
             for a in (last[n] for n in order)
         ]
         if self._dialect.arrays:
-            arrays = [list(c) for c in zip(*rekeyed, strict=True)] or [[], [], [], []]
-            arrays += [list(c) for c in zip(*node_rows, strict=True)]
-            txn.execute(self._q(_SQL.upsert_nodes_rekey_arrays), arrays)
+            # (Without keys to rewrite, the plain upsert: most groups.)
+            arrays = [list(c) for c in zip(*node_rows, strict=True)]
+            if rekeyed:
+                arrays = [list(c) for c in zip(*rekeyed, strict=True)] + arrays
+            statement = _SQL.upsert_nodes_rekey_arrays if rekeyed else _SQL.upsert_nodes_arrays
+            txn.execute(self._q(statement), arrays)
         else:
             self._many(txn, _SQL.upsert_nodes, _SQL.upsert_node_row, node_rows, _SQL.upsert_nodes_arrays)
             self._many(
