@@ -740,11 +740,12 @@ def _usage_row(row: Sequence[Any]) -> UsageRow:
     return UsageRow(str(name), str(period), str(content_id), *(int(c) for c in counters))
 
 
-@frozen
-class Candidate:
+class Candidate(NamedTuple):
     """
     A node a node list may name: its row, with the state not yet decoded,
-    and its L{meshstream.tracker.ranking.rank_columns} as stored.
+    and its L{meshstream.tracker.ranking.rank_columns} as stored.  (A named
+    tuple: a node list makes a few hundred, at 0.26 µs each against attrs'
+    0.44.)
     """
 
     node_id: str
