@@ -73,9 +73,8 @@ says so: at most one rewrite per node per L{KEY_REFRESH}, and at most
 L{REKEY_RATE} a second in all (L{RekeyBudget}, the most changed first), so
 which holders are candidates may lag a changed state by that long or, with
 many changing nodes, longer (the weights drawn by are always the last
-announce's).
-Rewriting costs one index entry per content the node holds, and node
-states change at every announce.
+announce's).  Rewriting costs one index entry per content the node holds,
+and node states change at every announce.
 """
 
 from __future__ import annotations
@@ -401,27 +400,20 @@ class RekeyBudget:
 
     def take(self, now: float, wanted: int) -> int:
         """How many of C{wanted} rewrites may happen at C{now} (the tokens are spent)."""
-        if self._at is not None and now > self._at:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
         if self._at is None or now > self._at:
+            if self._at is not None:
+                self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
             self._at = now
         granted = min(wanted, int(self._tokens))
         self._tokens -= granted
         return granted
 
 
-def key_is_current(
-    held: tuple[int, float],
-    held_at: float,
-    new: tuple[int, float],
-    now: float,
-    refresh: float = KEY_REFRESH,
-) -> bool:
+def key_is_current(held: tuple[int, float], held_at: float, new: tuple[int, float], now: float) -> bool:
     """
     Whether the pre-selection key C{held}, written at C{held_at}, may stay
     for a node whose key is now C{new}: when they are within
     L{KEY_TOLERANCE} of each other (L{key_change}), or when C{held} is
-    younger than C{refresh} seconds (a clock that went back counts as
-    young).
+    younger than L{KEY_REFRESH} (a clock that went back counts as young).
     """
-    return key_change(held, new) <= KEY_TOLERANCE or now - held_at < refresh
+    return key_change(held, new) <= KEY_TOLERANCE or now - held_at < KEY_REFRESH
