@@ -22,8 +22,9 @@ is C{ok}, C{bad_credentials} or C{disabled}.
 
 Scraping never queries the database: the two gauges hold what the purge timer
 last counted (L{TrackerMetrics.set_stats}) and the store-error and
-key-rewrite counters read the store's own counts.  L{MetricsResource} serves the registry as C{GET
-/metrics} in the Prometheus text format (or OpenMetrics, if asked for).
+key-rewrite counters read the store's own counts.  L{MetricsResource} serves
+the registry as C{GET /metrics} in the Prometheus text format (or
+OpenMetrics, if asked for).
 """
 
 from __future__ import annotations

@@ -1206,7 +1206,7 @@ class TrackerStore:
         # into the node rows (None: keep).
         held: dict[str, tuple[int, float, float]] = {}
         written: dict[str, tuple[int, float, float]] = {}
-        due: list[tuple[float, str]] = []
+        due: list[tuple[float, str, tuple[int, float, float]]] = []  # (-change, node, new key)
         for n in order:
             a, row = last[n], rows.get(n)
             key = preselect_key(a.rank)
@@ -1216,13 +1216,12 @@ class TrackerStore:
                 continue
             held[n] = kept
             if not key_is_current(kept[:2], kept[2], key, a.last_seen):
-                due.append((-key_change(kept[:2], key), n))
+                due.append((-key_change(kept[:2], key), n, (*key, a.last_seen)))
         if due:
             with self._rekey_lock:
                 granted = self._rekey_budget.take(max(a.last_seen for a in last.values()), len(due))
-            for _, n in sorted(due)[:granted]:
-                a = last[n]
-                held[n] = written[n] = (*preselect_key(a.rank), a.last_seen)
+            for _, n, new in sorted(due)[:granted]:
+                held[n] = written[n] = new
         # (in node id order: holdings rows are locked in that order, see the module docstring)
         rekeyed = [(n, last[n].kind, *written[n][:2]) for n in order if n in written and n in rows]
         keep = (None, None, None)
