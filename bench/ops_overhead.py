@@ -1,11 +1,10 @@
 """
 Per-request cost of the tracker's instrumentation (metrics + request event).
 
-Renders requests through the real L{TrackerResource} on real
-L{twisted.web.server.Request} objects (with twisted's in-memory test channel:
-no sockets, no database), with the instrumentation on and with
-C{TrackerResource._observe} replaced by a no-op, and prints the difference
-per request.  Logging is set up as twistd with C{--logger
+Answers requests through the real L{TrackerHandler} on real
+L{ApiRequest} objects (no sockets, no database), with the instrumentation on
+and with C{TrackerHandler._observe} replaced by a no-op, and prints the
+difference per request.  Logging is set up as twistd with C{--logger
 meshstream.logs.json_observer} sets it up (writing to /dev/null), at the
 level given.
 
@@ -27,24 +26,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.task import Clock
 from twisted.logger import globalLogBeginner
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyChannel
 
 from meshstream.logs import json_observer
-from meshstream.tracker.api import TrackerAPI, TrackerResource
+from meshstream.tracker.api import TrackerAPI, TrackerHandler
+from meshstream.tracker.http1 import ApiRequest
 from meshstream.tracker.metrics import TrackerMetrics
 
 
-def make_request(path: bytes) -> Request:
-    request = Request(DummyChannel())
-    request.method = b"GET"
-    request.uri = request.path = path
-    request.prepath = []
-    request.postpath = path.split(b"/")[1:]
-    return request
+def make_request(path: bytes) -> ApiRequest:
+    return ApiRequest(b"GET", path, {})
 
 
-def per_request(resource: TrackerResource, path: bytes, n: int) -> float:
+def per_request(handler: TrackerHandler, path: bytes, n: int) -> float:
     """Seconds per request, best of 5 rounds of C{n}."""
     best = float("inf")
     for _ in range(5):
@@ -52,7 +45,7 @@ def per_request(resource: TrackerResource, path: bytes, n: int) -> float:
         gc.collect()
         start = time.perf_counter()
         for r in requests:
-            resource.render(r)
+            handler(r)
         best = min(best, (time.perf_counter() - start) / n)
     return best
 
@@ -76,8 +69,8 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo([json_observer(devnull, args.level)], redirectStandardIO=False)
 
     api = TrackerAPI(store=None, signing_key=Ed25519PrivateKey.generate(), clock=Clock())  # type: ignore[arg-type]
-    resource = TrackerResource(api)
-    bare = TrackerResource(api)
+    resource = TrackerHandler(api)
+    bare = TrackerHandler(api)
     bare._observe = lambda *a, **kw: None  # type: ignore[method-assign]
     results: dict[str, float] = {}
     for name, path in (

@@ -42,7 +42,6 @@ from meshstream.tracker.api import (
     TOKEN_CACHE_SECONDS,
     TOKEN_PURGE_GRACE,
     ApiError,
-    BoundedRequest,
     parse_address,
     parse_announce,
     parse_nodes_query,
@@ -548,7 +547,7 @@ class _TrackerHTTPMixin:
 
     async def test_endless_body_not_buffered(self) -> None:
         """Past the hard cap the body is dropped, not buffered, and answered 413."""
-        self.patch(BoundedRequest, "max_body", 1000)
+        self.service.http.max_body = 1000
         body = make_manifest(14).to_json() + b" " * 1000
         await self.assert_error("POST", "/api/v1/manifests", body, 413, "body_too_large")
 

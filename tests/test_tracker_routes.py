@@ -9,21 +9,19 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.task import Clock
 from twisted.trial import unittest
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyChannel
 
 from meshstream.tracker import api, auth
 from meshstream.tracker.api import (
     _ROUTES,
     _STATIC_ROUTES,
     API_PREFIX,
-    IPrincipal,
     Route,
     TrackerAPI,
     _match,
     _static_routes,
     find_route,
 )
+from meshstream.tracker.http1 import ApiRequest
 
 
 def _in_order(method: bytes, rest: list[str]) -> Route | None:
@@ -70,16 +68,14 @@ class KnownPrincipalTests(unittest.SynchronousTestCase):
         self.alice = auth.Principal("alice", auth.USER)
         self.api.tokens.put(auth.token_digest("tok"), self.alice, expires=2000.0, now=1000.0)
 
-    def request(self, header: bytes | None) -> Request:
-        request = Request(DummyChannel())
-        if header is not None:
-            request.requestHeaders.setRawHeaders(b"authorization", [header])
-        return request
+    def request(self, header: bytes | None) -> ApiRequest:
+        headers = {} if header is None else {b"authorization": header}
+        return ApiRequest(b"GET", b"/api/v1/me", headers)
 
     def test_cached(self) -> None:
         request = self.request(b"Bearer tok")
         self.assertEqual(self.api.known_principal(request, auth.ANYONE), self.alice)
-        self.assertEqual(request.getComponent(IPrincipal), self.alice)
+        self.assertEqual(request.principal, self.alice)
 
     def test_otherwise_none(self) -> None:
         """Unknown, missing, expired or not allowed: no answer, L{TrackerAPI.authenticate} decides."""
@@ -91,7 +87,7 @@ class KnownPrincipalTests(unittest.SynchronousTestCase):
         ):
             request = self.request(header)
             self.assertIsNone(self.api.known_principal(request, roles), header)
-            self.assertIsNone(request.getComponent(IPrincipal))
+            self.assertIsNone(request.principal)
         self.clock.advance(1000)  # the token expires (the cache entry is still fresh)
         self.api.tokens.put(auth.token_digest("tok"), self.alice, expires=2000.0, now=2000.0)
         self.assertIsNone(self.api.known_principal(self.request(b"Bearer tok"), auth.ANYONE))

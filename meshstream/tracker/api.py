@@ -1,16 +1,16 @@
 # -*- test-case-name: tests.test_tracker_api -*-
 """
-The tracker's HTTP/JSON API (version 1), on plain twisted.web.
+The tracker's HTTP/JSON API (version 1), served by L{meshstream.tracker.http1}.
 
 L{TrackerAPI} holds what the handlers need (the store, the signing key, the
-clock and the announce timing) and L{TrackerAPI.resource} is the root to
-serve.  Requests are routed in one place (L{_ROUTES}); every handler returns
-(or fires with) a L{Reply} or raises L{ApiError}, and L{TrackerResource}
-turns both into JSON (or, for a L{Reply} with a C{content_type}, writes its
+clock and the announce timing) and L{TrackerAPI.handler} answers its
+requests.  Requests are routed in one place (L{_ROUTES}); every handler
+returns (or fires with) a L{Reply} or raises L{ApiError}, and
+L{TrackerHandler} turns both into JSON (or, for a L{Reply} with a C{content_type}, writes its
 bytes as they are: the CSV usage export).  Anything else that goes wrong is
 logged with its traceback and answered with a 500 JSON error.  Every answered
 request is counted in the tracker's L{TrackerMetrics} and logged as one
-structured event (see L{TrackerResource}).
+structured event (see L{TrackerHandler}).
 
 Request bodies are validated by pure functions (L{parse_announce},
 L{parse_node_id}, ...) that raise L{ApiError}; nothing is written to the
@@ -24,7 +24,6 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from io import BytesIO
 from ipaddress import ip_address
 from random import Random
 from typing import Any
@@ -37,11 +36,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
-from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import Interface
 
 from meshstream import tickets
 from meshstream.coalesce import Coalesced
@@ -49,6 +43,7 @@ from meshstream.manifest import Manifest, ManifestError, public_key_text
 from meshstream.tracker import auth, billing, catalog
 from meshstream.tracker.auth import Principal
 from meshstream.tracker.catalog import ContentInfo
+from meshstream.tracker.http1 import ApiRequest, Response
 from meshstream.tracker.metrics import (
     LOGIN_BAD_CREDENTIALS,
     LOGIN_DISABLED,
@@ -393,7 +388,7 @@ def parse_contents_query(args: Mapping[bytes, Sequence[bytes]]) -> ContentsQuery
 # -- the API -----------------------------------------------------------------
 
 
-Handler = Callable[["TrackerAPI", Request, Sequence[str]], "Reply | Deferred[Reply]"]
+Handler = Callable[["TrackerAPI", ApiRequest, Sequence[str]], "Reply | Deferred[Reply]"]
 
 
 @frozen
@@ -410,13 +405,9 @@ class Route:
         return "/".join("{id}" if segment is None else segment for segment in self.pattern)
 
 
-class IPrincipal(Interface):
-    """The request component holding the authenticated L{Principal}."""
-
-
-def principal(request: Request) -> Principal:
+def principal(request: ApiRequest) -> Principal:
     """Who made C{request} (set by the authentication of its route)."""
-    p = request.getComponent(IPrincipal)
+    p = request.principal
     if not isinstance(p, Principal):
         raise RuntimeError("principal() on a public route")
     return p
@@ -507,7 +498,7 @@ class TrackerAPI:
             L{meshstream.tracker.ranking}); seeded in tests.
         @param login_throttle: counts failed logins and refuses guessing
             (L{meshstream.tracker.throttle}); by default its default limits.
-        @param log_requests: log successful requests too (L{TrackerResource});
+        @param log_requests: log successful requests too (L{TrackerHandler});
             refused and failed ones always are.
         """
         self.rng = rng if rng is not None else Random()
@@ -544,8 +535,9 @@ class TrackerAPI:
         """How long a node stays listed after its last announce."""
         return self.announce_interval * self.expire_after
 
-    def resource(self) -> TrackerResource:
-        return TrackerResource(self)
+    def handler(self) -> TrackerHandler:
+        """What the HTTP server (L{meshstream.tracker.http1.ApiFactory}) calls with each request."""
+        return TrackerHandler(self)
 
     def purge_expired(self) -> Deferred[int]:
         """
@@ -577,7 +569,7 @@ class TrackerAPI:
 
     # -- authentication ----------------------------------------------------
 
-    def known_principal(self, request: Request, roles: frozenset[str]) -> Principal | None:
+    def known_principal(self, request: ApiRequest, roles: frozenset[str]) -> Principal | None:
         """
         The request's L{Principal} without waiting, when its token is in the
         token cache, unexpired and of one of C{roles} (set on the request as
@@ -586,7 +578,7 @@ class TrackerAPI:
         static route lookup, one Deferred chain less per request gave 6-8 %
         more announces a second (bench/RESULTS.md).
         """
-        token = auth.parse_bearer(request.getHeader(b"authorization"))
+        token = auth.parse_bearer(request.header(b"authorization"))
         if token is None:
             return None
         now = self.clock.seconds()
@@ -596,16 +588,16 @@ class TrackerAPI:
         who, expires = cached
         if expires <= now or who.role not in roles:
             return None
-        request.setComponent(IPrincipal, who)
+        request.principal = who
         return who
 
-    def authenticate(self, request: Request, roles: frozenset[str]) -> Deferred[Principal]:
+    def authenticate(self, request: ApiRequest, roles: frozenset[str]) -> Deferred[Principal]:
         """
         Check the request's bearer token and that its user has one of
         C{roles}; fire with the L{Principal} (also set on the request, see
         L{principal}) or fail with a 401/403 L{ApiError}.
         """
-        token = auth.parse_bearer(request.getHeader(b"authorization"))
+        token = auth.parse_bearer(request.header(b"authorization"))
         if token is None:
             raise unauthorized(
                 "unauthenticated", "this call needs 'Authorization: Bearer TOKEN' (POST /api/v1/login)"
@@ -631,7 +623,7 @@ class TrackerAPI:
                 raise unauthorized("token_expired", "the token has expired; log in again")
             if role not in roles:
                 raise ApiError(403, "forbidden", f"the {role} role may not do this")
-            request.setComponent(IPrincipal, who)
+            request.principal = who
             return who
 
         return d.addCallback(check)
@@ -688,18 +680,18 @@ class TrackerAPI:
             {"token": token, "expires_in": self.token_ttl, "user": name, "role": user.role},
         )
 
-    def login(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def login(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         name, password = parse_login(parse_json(read_body(request, SMALL_BODY_LIMIT)))
-        return Deferred.fromCoroutine(self._login(name, password, client_host(request)))
+        return Deferred.fromCoroutine(self._login(name, password, request.client))
 
-    def logout(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
-        token = auth.parse_bearer(request.getHeader(b"authorization"))
+    def logout(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
+        token = auth.parse_bearer(request.header(b"authorization"))
         assert token is not None  # the route is authenticated
         digest = auth.token_digest(token)
         self.tokens.forget(digest=digest)
         return self.store.delete_token(digest).addCallback(lambda _: Reply(200, {}))
 
-    def whoami(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def whoami(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         who = principal(request)
 
         def found(user: Any) -> Reply:
@@ -710,7 +702,7 @@ class TrackerAPI:
 
     # -- handlers ----------------------------------------------------------
 
-    def health(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def health(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         """
         200 if the database answers a trivial query within C{health_timeout}
         seconds, else 503 (with the shape of an error, so that clients
@@ -737,10 +729,10 @@ class TrackerAPI:
 
         return d.addCallbacks(lambda _: Reply(200, {"status": "ok", "schema": SCHEMA_VERSION}), down)
 
-    def key(self, request: Request, args: Sequence[str]) -> Reply:
+    def key(self, request: ApiRequest, args: Sequence[str]) -> Reply:
         return Reply(200, {"algorithm": "ed25519", "public_key": self._public_text})
 
-    def register_manifest(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def register_manifest(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         body = read_body(request, self.manifest_limit)
         try:
             manifest = Manifest.from_json(body)
@@ -766,7 +758,7 @@ class TrackerAPI:
 
         return d.addCallback(stored)
 
-    def get_manifest(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def get_manifest(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         content_id = parse_content_id(args[0])
 
         def found(text: str | None) -> Reply:
@@ -776,14 +768,14 @@ class TrackerAPI:
 
         return self.store.get_manifest(content_id).addCallback(found)
 
-    def announce(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def announce(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         ann = parse_announce(parse_json(read_body(request, self.announce_limit)))
         who = principal(request)
         if ann.kind == SERVER and who.role not in SERVER_ANNOUNCERS:
             raise ApiError(403, "forbidden", f"the {who.role} role may not announce a content server")
         host = ann.host
         if host in WILDCARD_HOSTS:
-            host = client_host(request)
+            host = request.client
         # The owner's reservations are read in the announce's transaction.
         d = self.store.announce_answer(
             ann.node_id,
@@ -808,19 +800,19 @@ class TrackerAPI:
 
         return d.addCallbacks(done, _node_owned)
 
-    def leave(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def leave(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         node_id = parse_leave(parse_json(read_body(request, SMALL_BODY_LIMIT)))
         d = self.store.leave(node_id, owner=principal(request).name)
         return d.addCallbacks(lambda _: Reply(200, {}), _node_owned)
 
-    def nodes(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def nodes(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         return self._ranked_holders(request, args[0], PEER, "nodes")
 
-    def _ranked_holders(self, request: Request, cid: str, kind: str, key: str) -> Deferred[Reply]:
+    def _ranked_holders(self, request: ApiRequest, cid: str, kind: str, key: str) -> Deferred[Reply]:
         """The nodes of C{kind} holding content C{cid}, spread by their state."""
         content_id = parse_content_id(cid)
-        limit, exclude = parse_nodes_query(request.args or {})
-        node = parse_ticket_node(request.args or {})
+        limit, exclude = parse_nodes_query(request.args)
+        node = parse_ticket_node(request.args)
         who = principal(request)
         d = self.check_quota(who.name)
         return d.addCallback(
@@ -852,13 +844,13 @@ class TrackerAPI:
 
     # -- content servers (claims 37, 38) -------------------------------------
 
-    def content_servers(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def content_servers(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         """C{GET contents/<id>/servers}: the content servers holding a content."""
         return self._ranked_holders(request, args[0], SERVER, "servers")
 
-    def all_servers(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def all_servers(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         """C{GET servers}: every live content server, with how many contents it holds."""
-        limit, exclude = parse_nodes_query(request.args or {})
+        limit, exclude = parse_nodes_query(request.args)
         now = self.clock.seconds()
 
         def ranked(rows: list[tuple[NodeRecord, int]]) -> Reply:
@@ -907,7 +899,7 @@ class TrackerAPI:
 
         return d.addCallback(check)
 
-    def report_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def report_usage(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         try:
             report = billing.parse_usage_report(parse_json(read_body(request, USAGE_LIMIT)))
         except ValueError as e:
@@ -926,7 +918,7 @@ class TrackerAPI:
 
         return d.addCallbacks(done, _node_owned)
 
-    def _usage_period(self, request: Request) -> str:
+    def _usage_period(self, request: ApiRequest) -> str:
         """The C{period} query parameter, or the current period."""
         text = _query_one(request, "period")
         if text is None:
@@ -936,7 +928,7 @@ class TrackerAPI:
         except ValueError as e:
             raise bad_request(str(e)) from None
 
-    def my_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def my_usage(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         name = principal(request).name
         period = self._usage_period(request)
         d = self.store.usage(period, name)
@@ -952,7 +944,7 @@ class TrackerAPI:
 
         return d.addCallback(got_rows)
 
-    def export_usage(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def export_usage(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         period = self._usage_period(request)
         name = _query_one(request, "user")
         if name is not None and not auth.valid_user_name(name):
@@ -970,7 +962,7 @@ class TrackerAPI:
 
     # -- reservations ------------------------------------------------------
 
-    def reserve(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def reserve(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         now = self.clock.seconds()
         try:
             wanted = billing.parse_reservation(parse_json(read_body(request, SMALL_BODY_LIMIT)), now)
@@ -998,12 +990,12 @@ class TrackerAPI:
 
         return d.addCallbacks(stored, too_many)
 
-    def list_reservations(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def list_reservations(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         name = principal(request).name
         d = self.store.reservations(name, self.clock.seconds(), billing.MAX_RESERVATIONS)
         return d.addCallback(lambda found: Reply(200, {"reservations": [r.to_dict() for r in found]}))
 
-    def cancel_reservation(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def cancel_reservation(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         rid = args[0]
         if not RESERVATION_ID_RE.match(rid):
             raise bad_request("a reservation id is 32 lowercase hex characters")
@@ -1019,8 +1011,8 @@ class TrackerAPI:
 
     # -- the content catalogue ---------------------------------------------
 
-    def contents(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
-        query = parse_contents_query(request.args or {})
+    def contents(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
+        query = parse_contents_query(request.args)
         d = self.store.search_contents(
             self.clock.seconds() - self.ttl, query.query, query.mime_prefix, query.limit, query.offset
         )
@@ -1031,7 +1023,7 @@ class TrackerAPI:
 
         return d.addCallback(listed)
 
-    def content(self, request: Request, args: Sequence[str]) -> Deferred[Reply]:
+    def content(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         content_id = parse_content_id(args[0])
 
         def found(info: ContentInfo | None) -> Reply:
@@ -1045,9 +1037,9 @@ class TrackerAPI:
 RESERVATION_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
 
 
-def _query_one(request: Request, name: str) -> str | None:
+def _query_one(request: ApiRequest, name: str) -> str | None:
     """A query parameter given at most once (400 if repeated), or None."""
-    values = (request.args or {}).get(name.encode("ascii"), [])
+    values = (request.args).get(name.encode("ascii"), [])
     if len(values) > 1:
         raise bad_request(f"{name} given more than once")
     if not values:
@@ -1159,94 +1151,16 @@ def route_label(path: Sequence[str]) -> str:
     return UNMATCHED
 
 
-def read_body(request: Request, limit: int) -> bytes:
-    """Return the request body, or raise 413 if it is (or claims to be) over C{limit}."""
-
-    def too_large() -> ApiError:
-        return ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
-
-    if getattr(request, "body_too_large", False):
-        raise too_large()
-    length = request.getHeader("content-length")
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise bad_request("invalid Content-Length") from None
-        if declared > limit:
-            raise too_large()
-    content = request.content
-    if content is None:
-        return b""
-    content.seek(0)
-    body: bytes = content.read(limit + 1)
+def read_body(request: ApiRequest, limit: int) -> bytes:
+    """
+    Return the request body, or raise 413 if it is over C{limit} (the
+    route's own limit; the HTTP server has refused any body over the
+    tracker's hard cap before reading it).
+    """
+    body = request.body
     if len(body) > limit:
-        raise too_large()
+        raise ApiError(413, "body_too_large", f"the request body is limited to {limit} bytes")
     return body
-
-
-class BoundedRequest(Request):
-    """
-    A request that stops buffering its body past C{max_body} bytes.
-
-    twisted.web reads the whole body before a resource sees the request; this
-    keeps a client from filling memory or disk with a huge (or endless
-    chunked) body.  L{read_body} answers 413 when C{body_too_large} is set.
-    """
-
-    max_body = DEFAULT_MANIFEST_LIMIT
-    body_too_large = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        """
-        Refuse a body declared (by C{Content-Length}) to be over C{max_body}
-        at once: answer 413 and close the connection, instead of reading
-        (and dropping) all of it first.
-        """
-        if length is None or length <= self.max_body or not isinstance(self.channel, HTTPChannel):
-            super().gotLength(length)
-            return
-        self.body_too_large = True
-        self.content = BytesIO()
-        # No "100 Continue" after the answer: the body is not wanted.
-        self.requestHeaders.removeHeader(b"expect")
-        message = f"the request body is limited to {self.max_body} bytes"
-        body = json.dumps(error_body("body_too_large", message)).encode("ascii")
-        head = (
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Cache-Control: no-store\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)
-        )
-        # The request line is not the request's yet (it is, once the body is in).
-        method, path = getattr(self.channel, "_command", b""), getattr(self.channel, "_path", b"")
-        resource = getattr(getattr(self.channel, "site", None), "resource", None)
-        if isinstance(resource, TrackerResource):
-            resource.refused_early(method, path, client_host(self), 413, "body_too_large")
-        channel = self.channel
-        if channel.transport is not None:
-            channel.transport.write(head + body)
-        channel.loseConnection()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > self.max_body:
-            self.body_too_large = True
-            return
-        super().handleContentChunk(data)
-
-
-def client_host(request: IRequest) -> str:
-    """The IP address the request came from (what a wildcard host stands for)."""
-    addr = request.getClientAddress()
-    host = getattr(addr, "host", None)
-    return host if isinstance(host, str) else "127.0.0.1"
-
-
-def _path_segments(request: Request) -> list[str]:
-    return [seg.decode("utf-8", "replace") for seg in request.postpath or []]
 
 
 #: Request paths are logged up to this many characters.
@@ -1262,19 +1176,19 @@ Answer = tuple[int, dict[str, str], object]
 
 @define
 class _Exchange:
-    """One request's bookkeeping: when it started, its route, whether the client left."""
+    """One request's bookkeeping: when it started and its route."""
 
     started: float
     route: str = UNMATCHED
-    gone: bool = False
-
-    def lost(self, _: object) -> None:
-        self.gone = True
 
 
-class TrackerResource(Resource):
+_JSON_TYPE = b"application/json"
+_JSON_HEADERS = ((b"Content-Type", _JSON_TYPE), (b"Cache-Control", b"no-store"))
+
+
+class TrackerHandler:
     """
-    The root resource: routes, runs the handler and writes the JSON answer.
+    Answers the API's requests: routes, runs the handler, encodes the answer.
 
     Every answered request is counted in the API's metrics.  A refused (4xx)
     or failed (5xx) one is logged as one event with the fields C{method},
@@ -1286,24 +1200,17 @@ class TrackerResource(Resource):
     announce, even when the observers drop it.
     """
 
-    isLeaf = True
-
     def __init__(self, api: TrackerAPI) -> None:
-        super().__init__()
         self._api = api
 
-    def render(self, request: Request) -> int:
+    def __call__(self, request: ApiRequest) -> Deferred[Response]:
         exchange = _Exchange(self._api.metrics.timer())
-        request.notifyFinish().addBoth(exchange.lost)
-        d = self._answer(request, exchange)
-        d.addCallback(self._write, request, exchange)
-        d.addErrback(self._unwritten)
-        return NOT_DONE_YET
+        return self._answer(request, exchange).addCallback(self._write, request, exchange)
 
-    def _answer(self, request: Request, exchange: _Exchange) -> Deferred[Answer]:
+    def _answer(self, request: ApiRequest, exchange: _Exchange) -> Deferred[Answer]:
         api = self._api
         try:
-            segments = _path_segments(request)
+            segments = request.segments
             try:
                 route, captured = find_route(request.method, segments)
             except ApiError:
@@ -1321,15 +1228,12 @@ class TrackerResource(Resource):
             return succeed(self._failure(Failure(), request, exchange))
         return d.addCallbacks(self._success, self._failure, errbackArgs=(request, exchange))
 
-    def _unwritten(self, f: Failure) -> None:
-        log.failure("Could not write a response", f)
-
     def _success(self, reply: Reply) -> Answer:
         if reply.content_type is None:
             return reply.status, {}, reply.body
         return reply.status, {"Content-Type": reply.content_type}, reply.body
 
-    def _failure(self, f: Failure, request: Request, exchange: _Exchange) -> Answer:
+    def _failure(self, f: Failure, request: ApiRequest, exchange: _Exchange) -> Answer:
         if f.check(ApiError):
             e = f.value
             assert isinstance(e, ApiError)
@@ -1343,7 +1247,7 @@ class TrackerResource(Resource):
         )
         return 500, {}, error_body("internal_error", "the tracker failed to answer")
 
-    def _observe(self, request: Request, exchange: _Exchange, status: int, body: object) -> None:
+    def _observe(self, request: ApiRequest, exchange: _Exchange, status: int, body: object) -> None:
         """Count and log an answered request."""
         metrics = self._api.metrics
         duration = metrics.timer() - exchange.started
@@ -1357,13 +1261,13 @@ class TrackerResource(Resource):
         else:
             emit, text = log.error, "Failed {method} {path}: {status} {code}"
         error = body.get("error") if isinstance(body, dict) else None
-        who = request.getComponent(IPrincipal)
+        who = request.principal
         emit(
             text,
             method=request.method.decode("ascii", "replace"),
             route=exchange.route,
             path=request.path.decode("utf-8", "replace")[:MAX_LOGGED_PATH],
-            client=client_host(request),
+            client=request.client,
             status=status,
             code=error.get("code") if isinstance(error, dict) else None,
             user=who.name if isinstance(who, Principal) else None,
@@ -1371,7 +1275,7 @@ class TrackerResource(Resource):
         )
 
     def refused_early(self, method: bytes, uri: bytes, client: str, status: int, code: str) -> None:
-        """Count and log a request refused before it was complete (so never rendered)."""
+        """Count and log a request the HTTP server refused before it was complete (so never handled)."""
         path, _, _ = uri.partition(b"?")
         route = route_label([unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]])
         self._api.metrics.request(route, method, status, 0.0)
@@ -1387,20 +1291,19 @@ class TrackerResource(Resource):
             duration=0.0,
         )
 
-    def _write(self, answer: Answer, request: Request, exchange: _Exchange) -> None:
+    def _write(self, answer: Answer, request: ApiRequest, exchange: _Exchange) -> Response:
         status, headers, body = answer
         self._observe(request, exchange, status, body)
-        if exchange.gone:
-            return
         if isinstance(body, bytes):  # a Reply with its own content type
             data = body
         else:
             data = _JSON_ENCODER.encode(body).encode("utf-8")
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        for name, value in headers.items():
-            request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        request.setHeader(b"content-length", str(len(data)).encode("ascii"))
-        request.write(data)
-        request.finish()
+        if not headers:
+            return status, _JSON_HEADERS, data
+        content_type = headers.get("Content-Type")
+        out = [
+            (b"Content-Type", _JSON_TYPE if content_type is None else content_type.encode("ascii")),
+            (b"Cache-Control", b"no-store"),
+        ]
+        out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items() if k != "Content-Type")
+        return status, out, data

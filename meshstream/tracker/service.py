@@ -5,7 +5,8 @@ The tracker as a service tree::
   TrackerService (MultiService)
    ├── TimerService: purge expired nodes every announce interval (and
    │   count what is left for the metrics)
-   ├── StreamServerEndpointService per --listen string, serving Site(root)
+   ├── StreamServerEndpointService per --listen string, serving the API
+   │   (meshstream.tracker.http1's ApiFactory)
    └── StreamServerEndpointService per --metrics-listen string, serving
        GET /metrics
 
@@ -27,7 +28,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
-    IAddress,
     IListeningPort,
     IProtocolFactory,
     IReactorTime,
@@ -37,11 +37,11 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from meshstream.tracker.api import DEFAULT_TICKET_TTL, BoundedRequest, TrackerAPI, format_address
+from meshstream.tracker.api import DEFAULT_MANIFEST_LIMIT, DEFAULT_TICKET_TTL, TrackerAPI, format_address
+from meshstream.tracker.http1 import ApiFactory
 from meshstream.tracker.metrics import MetricsResource
 from meshstream.tracker.store import TrackerStore, open_store
 from meshstream.tracker.throttle import LoginLimits, LoginThrottle
@@ -123,39 +123,16 @@ class _RecordingEndpoint:
 
 class _QuietSite(Site):
     """
-    A site without twisted.web's access log: the tracker logs each request
-    as one structured event (see L{meshstream.tracker.api.TrackerResource}),
-    and the metrics listener's scrapes are not worth a line each.
+    A site without twisted.web's access log: the metrics listener's scrapes
+    are not worth a line each.
     """
 
     def log(self, request: http.Request) -> None:
         pass
 
 
-class _AddressCachingWrapper(ProtocolWrapper):
-    """
-    Asks the socket for its addresses once per connection: twisted.web asks
-    for both at every request (for the local one, a C{getsockname} call).
-    """
-
-    _host: IAddress | None = None
-    _peer: IAddress | None = None
-
-    def getHost(self) -> IAddress:
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def getPeer(self) -> IAddress:
-        if self._peer is None:
-            self._peer = super().getPeer()
-        return self._peer
-
-
 class _ConnectionTracker(WrappingFactory):
     """Keeps the open connections, so that stopping can drop them all."""
-
-    protocol = _AddressCachingWrapper
 
     def __init__(self, wrappedFactory: IProtocolFactory) -> None:
         super().__init__(wrappedFactory)
@@ -178,24 +155,16 @@ class _ConnectionTracker(WrappingFactory):
         return DeferredList(waiting, consumeErrors=True)
 
 
-def make_site(resource: Resource, reactor: Any) -> Site:
+def make_api_factory(api: TrackerAPI, reactor: Any, max_body: int = DEFAULT_MANIFEST_LIMIT) -> ApiFactory:
     """
-    The tracker's twisted.web site: bounded request bodies, an idle timeout,
-    no tracebacks in answers, no access log of twisted.web's (see
-    L{_QuietSite}), and no form parsing of POST bodies (the API reads JSON
-    itself; twisted.web would parse every POST's Content-Type with the
-    C{email} package, a sixth of an announce's cost; the option is Twisted
-    25.5's).
+    The API's HTTP server: bodies up to C{max_body} (the largest any route
+    takes: a manifest), an idle timeout by the reactor's clock, refusals
+    counted and logged by the API.
     """
-    site = _QuietSite(
-        resource,
-        requestFactory=BoundedRequest,
-        timeout=HTTP_IDLE_TIMEOUT,
-        reactor=reactor,
-        parsePOSTFormSubmission=False,
+    handler = api.handler()
+    return ApiFactory(
+        handler, reactor, max_body=max_body, idle_timeout=HTTP_IDLE_TIMEOUT, refused=handler.refused_early
     )
-    site.displayTracebacks = False
-    return site
 
 
 class TrackerService(MultiService):
@@ -222,13 +191,12 @@ class TrackerService(MultiService):
         self.api = api
         self.store: TrackerStore = api.store
         self._ready: Deferred[int | None] | None = None
-        site = make_site(api.resource(), reactor)
-        self._connections = _ConnectionTracker(site)
+        self.http = make_api_factory(api, reactor)
         self._endpoints: list[_RecordingEndpoint] = []
         for description in listen:
             endpoint = _RecordingEndpoint(serverFromString(reactor, description))
             self._endpoints.append(endpoint)
-            StreamServerEndpointService(endpoint, self._connections).setServiceParent(self)
+            StreamServerEndpointService(endpoint, self.http).setServiceParent(self)
         metrics_site = _QuietSite(MetricsResource(api.metrics), timeout=HTTP_IDLE_TIMEOUT, reactor=reactor)
         metrics_site.displayTracebacks = False
         self._metrics_connections = _ConnectionTracker(metrics_site)
@@ -316,7 +284,7 @@ class TrackerService(MultiService):
         try:
             await super().stopService()
         finally:
-            await self._connections.abort_all()
+            await self.http.abort_all()
             await self._metrics_connections.abort_all()
             self.store.close()
 
@@ -342,7 +310,7 @@ def build_tracker_service(
     L{twisted.internet.task.Clock} while C{reactor} does the networking.
     C{login_limits}: how failed logins are throttled (default: L{LoginLimits}'s).
     C{log_requests}: log an event for every successful request too (see
-    L{meshstream.tracker.api.TrackerResource}).
+    L{meshstream.tracker.api.TrackerHandler}).
     """
     time = clock if clock is not None else reactor
     limits = login_limits if login_limits is not None else LoginLimits()
