@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from ipaddress import ip_address
 from random import Random
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from attrs import define, field, frozen
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,7 +42,7 @@ from meshstream.manifest import Manifest, ManifestError, public_key_text
 from meshstream.tracker import auth, billing, catalog
 from meshstream.tracker.auth import Principal
 from meshstream.tracker.catalog import ContentInfo
-from meshstream.tracker.http1 import ApiRequest, Response
+from meshstream.tracker.http1 import JSON_HEADERS, ApiRequest, Response, error_body, path_segments
 from meshstream.tracker.metrics import (
     LOGIN_BAD_CREDENTIALS,
     LOGIN_DISABLED,
@@ -1167,10 +1166,6 @@ def read_body(request: ApiRequest, limit: int) -> bytes:
 MAX_LOGGED_PATH = 200
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
-
-
 Answer = tuple[int, dict[str, str], object]
 
 
@@ -1180,10 +1175,6 @@ class _Exchange:
 
     started: float
     route: str = UNMATCHED
-
-
-_JSON_TYPE = b"application/json"
-_JSON_HEADERS = ((b"Content-Type", _JSON_TYPE), (b"Cache-Control", b"no-store"))
 
 
 class TrackerHandler:
@@ -1277,7 +1268,7 @@ class TrackerHandler:
     def refused_early(self, method: bytes, uri: bytes, client: str, status: int, code: str) -> None:
         """Count and log a request the HTTP server refused before it was complete (so never handled)."""
         path, _, _ = uri.partition(b"?")
-        route = route_label([unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]])
+        route = route_label(path_segments(path))
         self._api.metrics.request(route, method, status, 0.0)
         log.info(
             "Refused {method} {path}: {status} {code}",
@@ -1299,11 +1290,10 @@ class TrackerHandler:
         else:
             data = _JSON_ENCODER.encode(body).encode("utf-8")
         if not headers:
-            return status, _JSON_HEADERS, data
+            return status, JSON_HEADERS, data
         content_type = headers.get("Content-Type")
-        out = [
-            (b"Content-Type", _JSON_TYPE if content_type is None else content_type.encode("ascii")),
-            (b"Cache-Control", b"no-store"),
-        ]
+        out = list(JSON_HEADERS)
+        if content_type is not None:
+            out[0] = (b"Content-Type", content_type.encode("ascii"))
         out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items() if k != "Content-Type")
         return status, out, data

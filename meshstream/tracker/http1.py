@@ -83,7 +83,8 @@ _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus} | {
     422: b"Unprocessable Content",
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_ERROR_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
+#: The headers of a JSON answer (the API's, and this module's refusals).
+JSON_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
 
 
 class ApiRequest:
@@ -135,10 +136,7 @@ class ApiRequest:
         self.uri = uri
         path, _, query = uri.partition(b"?")
         self.path = path
-        if b"%" in path:
-            self.segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]]
-        else:
-            self.segments = path.decode("utf-8", "replace").split("/")[1:]
+        self.segments = path_segments(path)
         self.args: dict[bytes, list[bytes]] = parse_qs(query, keep_blank_values=1) if query else {}
         self.headers = headers
         self.body = body
@@ -161,9 +159,23 @@ class _Refused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def error_response(status: int, code: str, message: str) -> bytes:
-    """The API's JSON error body, for what is refused before the API sees it."""
-    return json.dumps({"error": {"code": code, "message": message}}).encode("utf-8")
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The shape of every error answer, the API's and this module's."""
+    return {"error": {"code": code, "message": message}}
+
+
+def _error_bytes(code: str, message: str) -> bytes:
+    return json.dumps(error_body(code, message)).encode("utf-8")
+
+
+def path_segments(path: bytes) -> list[str]:
+    """
+    A path's segments after the leading slash, percent-decoded, then decoded
+    as UTF-8 with bad bytes replaced (as twisted.web's C{postpath}).
+    """
+    if b"%" in path:
+        return [unquote_to_bytes(s).decode("utf-8", "replace") for s in path.split(b"/")[1:]]
+    return path.decode("utf-8", "replace").split("/")[1:]
 
 
 @implementer(IPushProducer)
@@ -180,6 +192,7 @@ class ApiChannel(Protocol):
         self._dispatching = False
         self._read_paused = False
         self._write_paused = False
+        self._reading_paused = False  # what the transport was last told
         self._timer: Any = None
         self._last_data = 0.0
         self._reset_message()
@@ -321,8 +334,8 @@ class ApiChannel(Protocol):
         self._closing = True
         method = self._parser.get_method() if self._in_message else b""
         self.factory.refused(method, b"".join(self._url), self._client, status, code)
-        body = error_response(status, code, message)
-        self._queue.append(self._head(status, _ERROR_HEADERS, len(body), False) + body)
+        body = _error_bytes(code, message)
+        self._queue.append(self._head(status, JSON_HEADERS, len(body), b"close") + body)
         self._pause_reading()
 
     def _dispatch(self) -> None:
@@ -348,7 +361,7 @@ class ApiChannel(Protocol):
             self._resume_reading()
 
     def _head(
-        self, status: int, headers: Iterable[tuple[bytes, bytes]], length: int, keep_alive: bool
+        self, status: int, headers: Iterable[tuple[bytes, bytes]], length: int, connection: bytes | None
     ) -> bytes:
         lines = [
             b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %d\r\n"
@@ -356,8 +369,8 @@ class ApiChannel(Protocol):
         ]
         for name, value in headers:
             lines.append(b"%s: %s\r\n" % (name, value))
-        if not keep_alive:
-            lines.append(b"Connection: close\r\n")
+        if connection is not None:
+            lines.append(b"Connection: %s\r\n" % connection)
         lines.append(b"\r\n")
         return b"".join(lines)
 
@@ -366,9 +379,9 @@ class ApiChannel(Protocol):
             return
         status, headers, body = response
         keep_alive = request.keep_alive
-        head = self._head(status, headers, len(body), keep_alive)
-        if keep_alive and request.version == "1.0":
-            head = head[:-2] + b"Connection: keep-alive\r\n\r\n"
+        # HTTP/1.1 keeps alive unless told otherwise; HTTP/1.0 must be told.
+        connection = b"close" if not keep_alive else b"keep-alive" if request.version == "1.0" else None
+        head = self._head(status, headers, len(body), connection)
         self.transport.write(head if request.method == b"HEAD" else head + body)
         self._current = None
         if not keep_alive:
@@ -381,34 +394,36 @@ class ApiChannel(Protocol):
         log.failure(
             "The API handler failed on {method} {uri}", f, method=request.method, uri=request.uri[:200]
         )
-        body = error_response(500, "internal_error", "the tracker failed to answer")
-        self._respond((500, _ERROR_HEADERS, body), request)
+        body = _error_bytes("internal_error", "the tracker failed to answer")
+        self._respond((500, JSON_HEADERS, body), request)
 
     # -- flow control ----------------------------------------------------------
 
     def _pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            if not self._write_paused:
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._read_paused = True
+        self._sync_reading()
 
     def _resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            if not self._write_paused:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._read_paused = False
+        self._sync_reading()
 
     def pauseProducing(self) -> None:
         """The transport's write buffer is full: stop reading requests."""
-        if not self._write_paused and self.transport is not None:
-            self._write_paused = True
-            if not self._read_paused:
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._write_paused = True
+        self._sync_reading()
 
     def resumeProducing(self) -> None:
-        if self._write_paused and self.transport is not None:
-            self._write_paused = False
-            if not self._read_paused:
+        self._write_paused = False
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        """Read from the transport unless too many requests wait or the client does not read."""
+        paused = self._read_paused or self._write_paused
+        if paused != self._reading_paused and self.transport is not None:
+            self._reading_paused = paused
+            if paused:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            else:
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
