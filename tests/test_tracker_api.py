@@ -555,7 +555,7 @@ class _TrackerHTTPMixin:
         def broken(*args: object) -> Deferred[Any]:
             return fail(RuntimeError("disk on fire"))
 
-        self.patch(self.service.store, "candidates_for", broken)
+        self.patch(self.service.store, "node_list", broken)
         await self.assert_error("GET", f"/api/v1/contents/{'ab' * 32}/nodes", None, 500, "internal_error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 

@@ -381,7 +381,7 @@ class _OpsMixin:
         def broken(*args: object) -> Deferred[Any]:
             return Deferred.fromCoroutine(_raise(RuntimeError("disk on fire")))
 
-        self.patch(t.service.store, "candidates_for", broken)
+        self.patch(t.service.store, "node_list", broken)
         status, doc = await t.request("GET", f"/api/v1/contents/{'ab' * 32}/nodes", token=self.token)
         self.assertEqual((status, doc["error"]["code"]), (500, "internal_error"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

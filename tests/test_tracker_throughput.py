@@ -55,6 +55,7 @@ from meshstream.tracker.ranking import (
 )
 from meshstream.tracker.store import (
     _SQL,
+    _STATE_JSON,
     PEER,
     POSTGRESQL,
     SCHEMA_VERSION,
@@ -62,6 +63,7 @@ from meshstream.tracker.store import (
     SQLITE,
     Announced,
     Candidate,
+    ListedNode,
     NodeOwned,
     NodeRecord,
     TrackerStore,
@@ -82,6 +84,19 @@ def by_id(records: list[NodeRecord] | None) -> list[NodeRecord]:
     """Records in node id order (the store lists candidates in no particular order)."""
     assert records is not None
     return sorted(records, key=lambda r: r.node_id)
+
+
+async def all_candidates(
+    store: TrackerStore,
+    content_id: str,
+    since: float,
+    kind: str,
+    k: int,
+    exclude: frozenset[str] = frozenset(),
+) -> list[NodeRecord] | None:
+    """The records of a node list that chose every candidate (in no particular order)."""
+    listed = await store.node_list(content_id, since, kind, k, exclude, lambda candidates: candidates)
+    return None if listed is None else [n.record() for n in listed]
 
 
 def best(pool: list[NodeRecord], k: int) -> list[NodeRecord]:
@@ -362,25 +377,27 @@ class _StoreMixin:
         since = START - 10
         live = [r for r in records if r.last_seen >= since]
         self.assertEqual(by_id(await store.nodes_for(a, since)), by_id(live))
+        latest = {r.node_id: r for r in records}
         for k in (1, 3, 7, 100):
             got = await store.candidates_for(a, since, PEER, k)
             assert got is not None
-            self.assertEqual(by_id([c.record() for c in got]), best(live, k), k)
+            self.assertEqual(sorted(c.node_id for c in got), [r.node_id for r in best(live, k)], k)
             for c in got:
-                self.assertEqual(c.rank, rank_columns(c.record().state))
+                self.assertEqual(c.rank, rank_columns(latest[c.node_id].state))
+                self.assertEqual(c.last_seen, latest[c.node_id].last_seen)
+            self.assertEqual(by_id(await all_candidates(store, a, since, PEER, k)), best(live, k))
         ordered = best(live, 3)
         exclude = frozenset([ordered[0].node_id, ordered[1].node_id, "nobody", records[0].node_id])
-        got = await store.candidates_for(a, since, PEER, 3, exclude)
-        assert got is not None
         # Each sort fetched with as many more as exclude names, then the excluded left out.
         self.assertEqual(
-            by_id([c.record() for c in got]),
+            by_id(await all_candidates(store, a, since, PEER, 3, exclude)),
             [r for r in best(live, 3 + len(exclude)) if r.node_id not in exclude],
         )
         servers = await store.candidates_for(a, since, SERVER, 3)
         assert servers is not None
         self.assertEqual([c.node_id for c in servers], ["srv"])
         self.assertIsNone(await store.candidates_for(UNKNOWN, since, PEER, 3))
+        self.assertIsNone(await all_candidates(store, UNKNOWN, since, PEER, 3))
 
     async def test_node_reads_exact(self) -> None:
         """
@@ -398,8 +415,11 @@ class _StoreMixin:
             await store.nodes_for(a, seen), [NodeRecord("exact", "[2001:db8::1]:7000", state, seen)]
         )
         (got,) = await store.candidates_for(a, seen, PEER, 5) or []
-        self.assertEqual(got.record(), NodeRecord("exact", "[2001:db8::1]:7000", state, seen))
-        self.assertEqual(got.rank, rank_columns(state))
+        self.assertEqual(got, ("exact", seen, rank_columns(state)))
+        self.assertEqual(
+            await all_candidates(store, a, seen, PEER, 5),
+            [NodeRecord("exact", "[2001:db8::1]:7000", state, seen)],
+        )
         self.assertIsNotNone(got.rank[0])
         (unknown,) = await store.candidates_for(a, seen, SERVER, 5) or []
         self.assertEqual(unknown.rank, (None, rank_columns({"cpu": 2 / 3})[1]))
@@ -409,6 +429,35 @@ class _StoreMixin:
         self.assertEqual(await store.nodes_for(b, seen), [])
         self.assertEqual(await store.candidates_for(b, seen, PEER, 5), [])
         self.assertEqual(await store.servers(seen + 1), [])
+
+    async def test_node_list_names_the_chosen_in_order(self) -> None:
+        """
+        A node list hands the chooser every candidate (but the excluded),
+        then gives the rows of the nodes it chose, in its order, as they are
+        now; a chosen node gone in between (a leave, a purge) is left out.
+        """
+        store = await self.open()
+        (a,) = await self.manifests(store, 1)
+        for i in range(5):
+            state = {"upload_capacity_bps": 100 * (i + 1), "upload_bps": 0}
+            await store.announce(f"n{i}", f"10.0.0.{i}:1", state, START + i, [a])
+        given: list[list[str]] = []
+
+        def choose(candidates: list[Candidate]) -> list[Candidate]:
+            given.append(sorted(c.node_id for c in candidates))
+            self.run_script([("DELETE FROM nodes WHERE node_id = ?", ("n1",))])
+            return [c for c in sorted(candidates, key=lambda c: c.node_id, reverse=True) if c.node_id != "n4"]
+
+        listed = await store.node_list(a, START, PEER, 10, frozenset({"n0"}), choose)
+        self.assertEqual(given, [["n1", "n2", "n3", "n4"]])
+        assert listed is not None
+        self.assertEqual([n.node_id for n in listed], ["n3", "n2"])
+        state = {"upload_capacity_bps": 400, "upload_bps": 0}
+        self.assertEqual(listed[0].record(), NodeRecord("n3", "10.0.0.3:1", state, START + 3))
+        self.assertEqual(json.loads(listed[0].to_json()), listed[0].record().to_dict())
+        self.assertEqual(await store.node_list(a, START, PEER, 10, frozenset(), lambda c: []), [])
+        self.assertIsNone(await store.node_list(UNKNOWN, START, PEER, 10, frozenset(), choose))
+        self.assertEqual(len(given), 1)  # never asked to choose for an unknown content
 
     # -- migration -------------------------------------------------------------------
 
@@ -571,9 +620,7 @@ class _StoreMixin:
             for row in self.raw("SELECT node_id, rank_free, rank_load FROM nodes")
         }
         self.assertEqual(stored, {r.node_id: rank_columns(r.state) for r in records})
-        got = await store.candidates_for(a, 0.0, PEER, 2)
-        assert got is not None
-        self.assertEqual(by_id([c.record() for c in got]), best(records, 2))
+        self.assertEqual(by_id(await all_candidates(store, a, 0.0, PEER, 2)), best(records, 2))
         # No holdings digest yet: the next announces read the holdings.
         await store.announce("n0", "10.0.0.0:1", {}, START + 1, [], owner="alice")
         await store.announce("n1", "10.0.0.1:1", {}, START + 1, [a], owner="alice")
@@ -678,6 +725,30 @@ class PostgresThroughputTests(_StoreMixin, unittest.TestCase):
         return text
 
 
+class ListedNodeTests(unittest.SynchronousTestCase):
+    """A listed node's JSON, its stored state spliced in, is its record's."""
+
+    def test_json_is_the_record(self) -> None:
+        states: list[dict[str, Any]] = [
+            {},
+            {"cpu": 1 / 3, "upload_bps": 10**15, "upload_capacity_bps": 0.1 + 0.2},
+            {"connections": 3, "disk_io_bps": 2.5e8, "memory": 0.0},
+        ]
+        for state in states:
+            for node_id, address in [("n-1.x_Z", "[2001:db8::1]:7000"), ('odd"\\id\u00e9', "h\n:1")]:
+                node = ListedNode(node_id, address, _STATE_JSON.encode(state), 1795608895.577071)
+                self.assertEqual(json.loads(node.to_json()), node.record().to_dict())
+                self.assertEqual(node.record().state, state)
+
+    def test_state_not_an_object_reads_empty(self) -> None:
+        for text in ["", "null", "[1]", "nope", '"{}"']:
+            node = ListedNode("n", "h:1", text, 1.0)
+            self.assertEqual(
+                json.loads(node.to_json()), {"node_id": "n", "address": "h:1", "state": {}, "last_seen": 1.0}
+            )
+            self.assertEqual(node.record().state, {})
+
+
 class ColumnsRankingTests(unittest.SynchronousTestCase):
     """Weighing and drawing from stored rank columns equals doing it from states."""
 
@@ -696,10 +767,7 @@ class ColumnsRankingTests(unittest.SynchronousTestCase):
                 # The state as the store keeps it (JSON), and the columns as it stores them.
                 state = json.loads(json.dumps(state))
                 records.append(NodeRecord(f"n{i}", "10.0.0.1:1", state, START - rng.randrange(0, 200)))
-            candidates = [
-                Candidate(r.node_id, r.address, json.dumps(r.state), r.last_seen, rank_columns(r.state))
-                for r in records
-            ]
+            candidates = [Candidate(r.node_id, r.last_seen, rank_columns(r.state)) for r in records]
             now, horizon = START, 90.0
             self.assertEqual(
                 weigh_columns([c.rank for c in candidates], [c.last_seen for c in candidates], now, horizon),
@@ -708,4 +776,4 @@ class ColumnsRankingTests(unittest.SynchronousTestCase):
             for limit in (None, 1, 5):
                 by_state = spread_nodes(records, random.Random(trial), limit, now, horizon)
                 by_columns = spread_candidates(candidates, random.Random(trial), limit, now, horizon)
-                self.assertEqual([c.record() for c in by_columns], by_state)
+                self.assertEqual([c.node_id for c in by_columns], [r.node_id for r in by_state])

@@ -128,8 +128,9 @@ def bad_request(message: str) -> ApiError:
 @frozen
 class Reply:
     """
-    A successful answer: a status and a JSON-able body, or (with a
-    C{content_type}) the body's bytes as they are.
+    A successful answer: a status and a JSON-able body, or the body's bytes
+    as they are: JSON already encoded without a C{content_type}, anything
+    with one.
     """
 
     status: int
@@ -829,17 +830,23 @@ class TrackerAPI:
         who: Principal,
     ) -> Reply:
         now = self.clock.seconds()
+
+        def choose(candidates: list[Candidate]) -> list[Candidate]:
+            return spread_candidates(candidates, self.rng, limit, now=now, horizon=self.ttl)
+
         # The database pre-selects the candidates (see the ranking module).
-        candidates: list[Candidate] | None = await self.store.candidates_for(
-            content_id, now - self.ttl, kind, candidate_count(limit), exclude
+        chosen = await self.store.node_list(
+            content_id, now - self.ttl, kind, candidate_count(limit), exclude, choose
         )
-        if candidates is None:
+        if chosen is None:
             raise ApiError(404, "unknown_content", f"no content {content_id}")
-        chosen = spread_candidates(candidates, self.rng, limit, now=now, horizon=self.ttl)
-        body: dict[str, Any] = {"content_id": content_id, key: [c.record().to_dict() for c in chosen]}
+        # Encoded here, each node's stored state spliced in (ListedNode.to_json).
+        listed = ",".join([c.to_json() for c in chosen])
+        text = f'{{"content_id":{_JSON_ENCODER.encode(content_id)},"{key}":[{listed}]'
         if node is not None:
-            body.update(await self._ticket(content_id, node, who))
-        return Reply(200, body)
+            ticket = _JSON_ENCODER.encode(await self._ticket(content_id, node, who))
+            text += "," + ticket[1:-1]  # its fields, beside the others
+        return Reply(200, (text + "}").encode("utf-8"))
 
     # -- content servers (claims 37, 38) -------------------------------------
 
