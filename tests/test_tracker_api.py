@@ -654,6 +654,25 @@ class AnnounceValidatorTests(unittest.SynchronousTestCase):
             with self.assertRaises(ApiError, msg=bad):
                 parse_address(bad)
 
+    def test_content_ids(self) -> None:
+        """Every content id is 64 lowercase hex characters, checked together but each on its own."""
+        good = ["ab" * 32, "0123456789abcdef" * 4]
+        self.assertEqual(
+            parse_announce({"node_id": "n", "address": "h:1", "contents": good}).contents, tuple(good)
+        )
+        self.assertEqual(parse_announce({"node_id": "n", "address": "h:1", "contents": []}).contents, ())
+        for bad in [
+            ["ab" * 32, "AB" * 32],  # uppercase
+            ["ab" * 32, "ab" * 31 + "ag"],  # not hex
+            ["ab" * 32 + "a", "b" * 63],  # two wrong lengths that add up to two ids
+            ["ab" * 32, "ab" * 32 + "\n"],
+            ["ab" * 32, 7],
+            [["ab" * 32]],
+            ["ab" * 31 + "\u00e9\u00e9"],
+        ]:
+            with self.assertRaises(ApiError, msg=repr(bad)):
+                parse_announce({"node_id": "n", "address": "h:1", "contents": bad})
+
     def test_too_many_contents(self) -> None:
         body = {"node_id": "n", "address": "h:1", "contents": ["ab" * 32] * 10_001}
         with self.assertRaises(ApiError):

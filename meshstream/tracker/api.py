@@ -84,6 +84,7 @@ MAX_EXCLUDE = 1000
 MAX_HOST = 253
 
 CONTENT_ID_RE = re.compile(r"[0-9a-f]{64}\Z")
+CONTENT_IDS_RE = re.compile(r"[0-9a-f]*\Z")  # content ids end to end (each checked for length)
 NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 HOST_RE = re.compile(r"[A-Za-z0-9.:_-]*\Z")
 
@@ -258,9 +259,11 @@ def parse_announce(obj: object) -> Announce:
         raise bad_request("contents must be a list of content ids")
     if len(contents) > MAX_CONTENTS:
         raise bad_request(f"at most {MAX_CONTENTS} contents per announce")
-    for c in contents:
-        if not isinstance(c, str) or not CONTENT_ID_RE.match(c):
-            raise bad_request("contents must be a list of content ids")
+    # (One match over them all: a tenth of the cost of one each.)
+    if not all(type(c) is str and len(c) == 64 for c in contents) or not CONTENT_IDS_RE.match(
+        "".join(contents)
+    ):
+        raise bad_request("contents must be a list of content ids")
     state = parse_state(obj.get("state"))
     kind = obj.get("kind", PEER)
     if kind not in (PEER, SERVER):
@@ -399,9 +402,11 @@ class Route:
     #: The roles allowed to call it; None for a public endpoint.
     roles: frozenset[str] | None = None
 
-    @property
-    def label(self) -> str:
-        """Its name in metrics and logs: the pattern, C{{id}} standing for a variable segment."""
+    #: Its name in metrics and logs: the pattern, C{{id}} standing for a variable segment.
+    label: str = field(init=False)
+
+    @label.default
+    def _label(self) -> str:
         return "/".join("{id}" if segment is None else segment for segment in self.pattern)
 
 
@@ -511,6 +516,7 @@ class TrackerAPI:
         self._public_text = public_key_text(signing_key.public_key())
         self.clock = clock
         self.announce_interval = announce_interval
+        self._plain_answer: tuple[tuple[float, float], bytes] = ((math.nan, math.nan), b"")
         self.expire_after = expire_after
         self.announce_limit = announce_limit
         self.manifest_limit = manifest_limit
@@ -790,6 +796,8 @@ class TrackerAPI:
 
         def done(announced: Announced) -> Reply:
             self.metrics.announces.inc()
+            if not announced.unknown and not announced.reservations:
+                return Reply(200, self._plain_announce_answer())
             answer = {
                 "interval": self.announce_interval,
                 "expires_in": self.ttl,
@@ -799,6 +807,14 @@ class TrackerAPI:
             return Reply(200, answer)
 
         return d.addCallbacks(done, _node_owned)
+
+    def _plain_announce_answer(self) -> bytes:
+        """The answer to an announce with no unknown contents and no reservations, encoded once."""
+        key = (self.announce_interval, self.ttl)
+        if self._plain_answer[0] != key:
+            answer = {"interval": key[0], "expires_in": key[1], "unknown": [], "reservations": []}
+            self._plain_answer = (key, _JSON_ENCODER.encode(answer).encode("utf-8"))
+        return self._plain_answer[1]
 
     def leave(self, request: ApiRequest, args: Sequence[str]) -> Deferred[Reply]:
         node_id = parse_leave(parse_json(read_body(request, SMALL_BODY_LIMIT)))
