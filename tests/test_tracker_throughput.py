@@ -86,6 +86,25 @@ def by_id(records: list[NodeRecord] | None) -> list[NodeRecord]:
     return sorted(records, key=lambda r: r.node_id)
 
 
+async def candidates_of(
+    store: TrackerStore,
+    content_id: str,
+    since: float,
+    kind: str,
+    k: int,
+    exclude: frozenset[str] = frozenset(),
+) -> list[Candidate] | None:
+    """The candidates a node list hands its chooser (which chooses none of them here)."""
+    given: list[Candidate] = []
+
+    def choose(candidates: list[Candidate]) -> list[Candidate]:
+        given.extend(candidates)
+        return []
+
+    listed = await store.node_list(content_id, since, kind, k, exclude, choose)
+    return None if listed is None else given
+
+
 async def all_candidates(
     store: TrackerStore,
     content_id: str,
@@ -379,7 +398,7 @@ class _StoreMixin:
         self.assertEqual(by_id(await store.nodes_for(a, since)), by_id(live))
         latest = {r.node_id: r for r in records}
         for k in (1, 3, 7, 100):
-            got = await store.candidates_for(a, since, PEER, k)
+            got = await candidates_of(store, a, since, PEER, k)
             assert got is not None
             self.assertEqual(sorted(c.node_id for c in got), [r.node_id for r in best(live, k)], k)
             for c in got:
@@ -393,10 +412,10 @@ class _StoreMixin:
             by_id(await all_candidates(store, a, since, PEER, 3, exclude)),
             [r for r in best(live, 3 + len(exclude)) if r.node_id not in exclude],
         )
-        servers = await store.candidates_for(a, since, SERVER, 3)
+        servers = await candidates_of(store, a, since, SERVER, 3)
         assert servers is not None
         self.assertEqual([c.node_id for c in servers], ["srv"])
-        self.assertIsNone(await store.candidates_for(UNKNOWN, since, PEER, 3))
+        self.assertIsNone(await candidates_of(store, UNKNOWN, since, PEER, 3))
         self.assertIsNone(await all_candidates(store, UNKNOWN, since, PEER, 3))
 
     async def test_node_reads_exact(self) -> None:
@@ -414,20 +433,20 @@ class _StoreMixin:
         self.assertEqual(
             await store.nodes_for(a, seen), [NodeRecord("exact", "[2001:db8::1]:7000", state, seen)]
         )
-        (got,) = await store.candidates_for(a, seen, PEER, 5) or []
+        (got,) = await candidates_of(store, a, seen, PEER, 5) or []
         self.assertEqual(got, ("exact", seen, rank_columns(state)))
         self.assertEqual(
             await all_candidates(store, a, seen, PEER, 5),
             [NodeRecord("exact", "[2001:db8::1]:7000", state, seen)],
         )
         self.assertIsNotNone(got.rank[0])
-        (unknown,) = await store.candidates_for(a, seen, SERVER, 5) or []
+        (unknown,) = await candidates_of(store, a, seen, SERVER, 5) or []
         self.assertEqual(unknown.rank, (None, rank_columns({"cpu": 2 / 3})[1]))
         self.assertEqual(
             await store.servers(seen), [(NodeRecord("srv", "10.2.0.1:7000", {"cpu": 2 / 3}, seen + 1e-6), 2)]
         )
         self.assertEqual(await store.nodes_for(b, seen), [])
-        self.assertEqual(await store.candidates_for(b, seen, PEER, 5), [])
+        self.assertEqual(await candidates_of(store, b, seen, PEER, 5), [])
         self.assertEqual(await store.servers(seen + 1), [])
 
     async def test_node_list_names_the_chosen_in_order(self) -> None:
@@ -481,7 +500,7 @@ class _StoreMixin:
         self.assertEqual(self.held_keys("n0"), {a: ("peer", *preselect_key(rank_columns(big)))})
 
         async def picked(at: float) -> list[str]:
-            got = await store.candidates_for(a, at - 10, PEER, 2)
+            got = await candidates_of(store, a, at - 10, PEER, 2)
             assert got is not None
             for c in got:  # the weights are always the last announce's
                 self.assertEqual(c.rank, rank_columns(latest[c.node_id]))
@@ -516,7 +535,7 @@ class _StoreMixin:
         await store.announce("n0", "10.0.0.0:1", big, later + 2, [a], kind=SERVER)
         self.assertEqual(self.held_keys("n0"), {a: ("server", 1, 1000.0)})
         self.assertEqual(store.rekeyed, 4)
-        servers = await store.candidates_for(a, later, SERVER, 5)
+        servers = await candidates_of(store, a, later, SERVER, 5)
         self.assertEqual([c.node_id for c in servers or []], ["n0"])
         # A young kept key stays, and a node's new holdings rows get it too.
         await store.announce("n3", "10.0.0.3:1", small, later + 3, [a, b])
@@ -569,7 +588,7 @@ class _StoreMixin:
         for i in range(300):
             state = {"upload_capacity_bps": 1000 + i, "upload_bps": 0} if i % 3 else {"cpu": (i % 100) / 100}
             await store.announce(f"n{i:03d}", "10.0.0.1:1", state, START, [a])
-        got = await store.candidates_for(a, START, PEER, 5)
+        got = await candidates_of(store, a, START, PEER, 5)
         assert got is not None
         # The 5 largest free uploads (i % 3 != 0), and the 5 least loaded CPUs of the others.
         best_known = ["n299", "n298", "n296", "n295", "n293"]

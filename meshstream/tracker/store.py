@@ -1386,26 +1386,6 @@ class TrackerStore:
 
         return self._read(run)
 
-    def candidates_for(
-        self,
-        content_id: str,
-        seen_since: float,
-        kind: str,
-        count: int,
-        exclude: Collection[str] = frozenset(),
-    ) -> Deferred[list[Candidate] | None]:
-        """
-        The candidates of a node list (see L{meshstream.tracker.ranking}):
-        of the nodes L{nodes_for} would list, leaving out the ids in
-        C{exclude}, the C{count} with the largest C{free upload × load
-        factor} among those whose free upload is known and the C{count}
-        with the best load factor among the others, by the rank columns
-        stored at their last announce (each sort fetched with as many more
-        as C{exclude} names, then the excluded left out), in no particular
-        order; None if the content is unknown.
-        """
-        return self._read(self._candidates, content_id, seen_since, kind, count, exclude)
-
     def node_list(
         self,
         content_id: str,
@@ -1416,11 +1396,19 @@ class TrackerStore:
         choose: Callable[[list[Candidate]], Sequence[Candidate]],
     ) -> Deferred[list[ListedNode] | None]:
         """
-        A node list, in one round trip: the L{candidates_for} the same
-        arguments, given to C{choose} (on the store's thread: it must be
-        quick and not touch the reactor), then the rows of the nodes it
-        chose, in its order (a chosen node gone since, by a leave or a
-        purge, is left out); None if the content is unknown.
+        A node list, in one round trip: the candidates (see
+        L{meshstream.tracker.ranking}) given to C{choose} (on the store's
+        thread: it must be quick and not touch the reactor), then the rows
+        of the nodes it chose, in its order (a chosen node gone since, by a
+        leave or a purge, is left out); None if the content is unknown.
+
+        The candidates: of the nodes L{nodes_for} would list, leaving out
+        the ids in C{exclude}, the C{count} with the largest C{free upload
+        × load factor} among those whose free upload is known and the
+        C{count} with the best load factor among the others, by the rank
+        columns stored at their last announce (each sort fetched with as
+        many more as C{exclude} names, then the excluded left out), in no
+        particular order.
 
         Only the chosen nodes' addresses and states are read: a node list
         weighs a few hundred candidates to name a few dozen, and on SQLite
