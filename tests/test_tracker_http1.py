@@ -1,22 +1,16 @@
 # -*- test-case-name: tests.test_tracker_http1 -*-
 """
 Tests for L{meshstream.tracker.http1}: the API's HTTP/1.1 server on an
-in-memory transport and a L{Clock}, and its sending over a real loopback
-socket (the API itself over real sockets is tests/test_tracker_api.py's and
-tests/test_tracker_fuzz.py's).
+in-memory transport and a L{Clock} (the API itself over real sockets is
+tests/test_tracker_api.py's and tests/test_tracker_fuzz.py's).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
-from typing import Any
 
-from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -399,117 +393,3 @@ class FactoryTests(unittest.SynchronousTestCase):
         self.assertTrue(h.transport.disconnecting)
         h.channel.connectionLost()
         self.successResultOf(d)
-
-
-class _Reader(Protocol):
-    """A client that reads nothing until asked for a number of answers."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.offset = 0  # where the next answer starts in data
-        self.parsed: list[Parsed] = []
-        self.wanted = 0
-        self.got: Deferred[list[Parsed]] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-
-    def answers(self, count: int) -> Deferred[list[Parsed]]:
-        self.wanted = count
-        self.transport.resumeProducing()  # type: ignore[union-attr]
-        return self.got
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        while (answer := self._next()) is not None:
-            self.parsed.append(answer)
-        if self.wanted and len(self.parsed) >= self.wanted and not self.got.called:
-            self.got.callback(self.parsed)
-
-    def _next(self) -> Parsed | None:
-        """The answer at C{offset} if it is all there (by its Content-Length)."""
-        end = self.data.find(b"\r\n\r\n", self.offset)
-        if end < 0:
-            return None
-        lines = bytes(self.data[self.offset : end]).split(b"\r\n")
-        headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
-        start = end + 4
-        stop = start + int(headers[b"content-length"])
-        if len(self.data) < stop:
-            return None
-        self.offset = stop
-        return Parsed(int(lines[0].split(b" ")[1]), headers, bytes(self.data[start:stop]))
-
-
-class StraightSendTests(unittest.TestCase):
-    """
-    Over a real loopback connection: answers go straight to the socket while
-    it takes them whole, through the transport after one it did not, and
-    arrive whole and in order either way.
-    """
-
-    BIG = 24 * 1024 * 1024  # more than loopback's socket buffers hold
-
-    def setUp(self) -> None:
-        self.held: dict[str, Deferred[Response]] = {}
-        self.arrived: dict[str, Deferred[None]] = {}
-        self.factory = ApiFactory(self.handle, reactor)
-        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.port = port.getHost().port
-
-    def handle(self, request: ApiRequest) -> Deferred[Response]:
-        name = request.segments[-1]
-        if name == "big":
-            return succeed((200, (), b"b" * self.BIG))
-        d: Deferred[Response] = Deferred()
-        self.held[name] = d
-        self.arrival(name).callback(None)
-        return d
-
-    def arrival(self, name: str) -> Deferred[None]:
-        return self.arrived.setdefault(name, Deferred())
-
-    def answer(self, name: str) -> None:
-        self.held.pop(name).callback((200, (), name.encode() * 10))
-
-    def channel(self) -> ApiChannel:
-        (channel,) = self.factory.connections
-        return channel
-
-    @defer.inlineCallbacks
-    def connect(self) -> Generator[Deferred[Any], Any, _Reader]:
-        reader = _Reader()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), reader)
-        self.addCleanup(reader.transport.loseConnection)  # type: ignore[union-attr]
-        return reader
-
-    @defer.inlineCallbacks
-    def test_small_answers_straight(self) -> Generator[Deferred[Any], Any, None]:
-        reader = yield self.connect()
-        reader.transport.write(get(b"/one") + get(b"/two"))
-        yield self.arrival("one")
-        self.answer("one")
-        yield self.arrival("two")
-        self.answer("two")
-        answers = yield reader.answers(2)
-        self.assertEqual([a.body for a in answers], [b"one" * 10, b"two" * 10])
-        self.assertTrue(self.channel().sends_straight)
-
-    @defer.inlineCallbacks
-    def test_order_kept_past_a_full_socket(self) -> Generator[Deferred[Any], Any, None]:
-        reader = yield self.connect()
-        reader.transport.write(get(b"/first") + get(b"/big") + get(b"/after"))
-        yield self.arrival("first")
-        self.assertTrue(self.channel().sends_straight)
-        self.answer("first")
-        # The big answer went as far as the socket took it, the rest to the
-        # transport: the next answer must go behind it.
-        yield self.arrival("after")
-        self.assertFalse(self.channel().sends_straight)
-        self.answer("after")
-        answers = yield reader.answers(3)
-        self.assertEqual([a.status for a in answers], [200, 200, 200])
-        self.assertEqual(answers[0].body, b"first" * 10)
-        self.assertEqual(answers[1].body, b"b" * self.BIG)
-        self.assertEqual(answers[2].body, b"after" * 10)

@@ -8,9 +8,8 @@ costs about 50 µs of the reactor's thread per request before a handler
 runs; an announce costs the tracker about 190 µs in all, so a quarter of
 the tracker went to the HTTP stack (bench/RESULTS.md).  This module parses
 with llhttp (C, through httptools: the parser of Node.js), keeps per request
-only what the API reads (L{ApiRequest}) and sends each answer in one
-C{send} on a plain TCP connection, without the reactor's write buffer, while
-that is empty (L{ApiChannel._write}).
+only what the API reads (L{ApiRequest}) and writes each answer in one
+C{write}.
 
 What it does of HTTP/1.1, for JSON clients (agents, curl, Prometheus is
 served elsewhere):
@@ -49,7 +48,6 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -197,7 +195,6 @@ class ApiChannel(Protocol):
         self._reading_paused = False  # what the transport was last told
         self._timer: Any = None
         self._last_data = 0.0
-        self._socket: Any = None  # while answers go straight to it: see _write
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -216,8 +213,6 @@ class ApiChannel(Protocol):
         if isinstance(host, str):
             self._client = host
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        if isinstance(self.transport, tcp.Server):
-            self._socket = self.transport.getHandle()
         self.factory.connections.add(self)
         self._last_data = self.factory.clock.seconds()
         self._arm_timer(self.factory.idle_timeout)
@@ -299,7 +294,7 @@ class ApiChannel(Protocol):
             raise _Refused(413, "body_too_large", self._too_large())
         expect = self._headers.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and self._idle():
-            self._write(_CONTINUE)
+            self.transport.write(_CONTINUE)  # type: ignore[union-attr]
 
     def on_body(self, chunk: bytes) -> None:
         self._body_size += len(chunk)
@@ -352,7 +347,7 @@ class ApiChannel(Protocol):
             while self._current is None and self._queue and self.transport is not None:
                 item = self._queue.popleft()
                 if isinstance(item, bytes):  # a refusal: the connection's last answer
-                    self._write(item)
+                    self.transport.write(item)
                     self.transport.loseConnection()
                     self._queue.clear()
                     return
@@ -387,48 +382,13 @@ class ApiChannel(Protocol):
         # HTTP/1.1 keeps alive unless told otherwise; HTTP/1.0 must be told.
         connection = b"close" if not keep_alive else b"keep-alive" if request.version == "1.0" else None
         head = self._head(status, headers, len(body), connection)
-        self._write(head if request.method == b"HEAD" else head + body)
+        self.transport.write(head if request.method == b"HEAD" else head + body)
         self._current = None
         if not keep_alive:
             self._queue.clear()
             self.transport.loseConnection()
             return
         self._dispatch()
-
-    @property
-    def sends_straight(self) -> bool:
-        """Whether this connection's answers still go straight to its socket (L{_write})."""
-        return self._socket is not None
-
-    def _write(self, data: bytes) -> None:
-        """
-        Send C{data}: on a plain TCP connection straight to its socket, as
-        long as everything before it went there whole; else, and from then
-        on, through the transport (which keeps the order of the bytes).
-
-        C{transport.write} costs the reactor's thread, per answer, a turn of
-        its loop and two C{epoll_ctl} calls around the C{send} (watching the
-        socket for writing, then not): an announce cost the tracker 154 µs
-        that way and 134 µs sent straight (bench/RESULTS.md).  An answer the
-        socket does not take whole, from a client that does not read, goes
-        on through the transport, whose full buffer then stops the reading
-        (L{pauseProducing}).
-        """
-        sock = self._socket
-        if sock is not None and not self.transport.disconnecting:  # type: ignore[union-attr]
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                # A broken connection: the transport's own write finds it
-                # out and closes the connection, as without this.
-                sent = 0
-            if sent == len(data):
-                return
-            self._socket = None
-            data = data[sent:]
-        self.transport.write(data)  # type: ignore[union-attr]
 
     def _failed(self, f: Failure, request: ApiRequest) -> None:
         log.failure(
